@@ -1,0 +1,88 @@
+#include "checks.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace mlellp {
+
+at::ScalarType compute_dtype(at::ScalarType dtype) {
+  return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
+}
+
+void check_bag_layout(const char* op, const at::Tensor& logits, const at::Tensor& offsets,
+                      const at::Tensor* counts) {
+  TORCH_CHECK_VALUE(logits.defined(), op, ": logits is undefined");
+  TORCH_CHECK_VALUE(logits.dim() == 1, op, ": logits must be 1-D (all instances of all bags, flat), got shape ",
+                    logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+                    ": logits must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK_VALUE(offsets.dim() == 1, op, ": offsets must be 1-D of length num_bags + 1, got shape ",
+                    offsets.sizes());
+  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, op, ": offsets must be int64, got ", offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.numel() >= 1, op, ": offsets must have at least one element (offsets[0] = 0), got an empty tensor");
+  TORCH_CHECK_VALUE(offsets.device() == logits.device(), op, ": offsets is on ", offsets.device(),
+                    " but logits is on ", logits.device());
+  if (counts != nullptr) {
+    TORCH_CHECK_VALUE(counts->dim() == 1, op, ": counts must be 1-D of length num_bags, got shape ", counts->sizes());
+    TORCH_CHECK_VALUE(counts->scalar_type() == at::kLong, op, ": counts must be int64, got ", counts->scalar_type());
+    TORCH_CHECK_VALUE(counts->numel() == offsets.numel() - 1, op, ": counts must have num_bags = len(offsets) - 1 = ",
+                      offsets.numel() - 1, " elements, got ", counts->numel());
+    TORCH_CHECK_VALUE(counts->device() == logits.device(), op, ": counts is on ", counts->device(),
+                      " but logits is on ", logits.device());
+  }
+}
+
+void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,
+                           const int64_t* counts) {
+  TORCH_CHECK_VALUE(offsets[0] == 0, op, ": offsets[0] must be 0, got ", offsets[0]);
+  for (int64_t b = 0; b < num_bags; ++b) {
+    TORCH_CHECK_VALUE(offsets[b + 1] >= offsets[b], op, ": offsets must be non-decreasing, got offsets[", b + 1,
+                      "] = ", offsets[b + 1], " < offsets[", b, "] = ", offsets[b]);
+  }
+  TORCH_CHECK_VALUE(offsets[num_bags] == num_instances, op, ": offsets[-1] must equal len(logits) = ", num_instances,
+                    ", got offsets[", num_bags, "] = ", offsets[num_bags]);
+  if (counts == nullptr) return;
+  for (int64_t b = 0; b < num_bags; ++b) {
+    const int64_t n = offsets[b + 1] - offsets[b];
+    TORCH_CHECK_VALUE(counts[b] >= 0 && counts[b] <= n, op, ": counts[", b, "] = ", counts[b],
+                      " is outside [0, n_b] = [0, ", n, "] for bag ", b);
+  }
+}
+
+int64_t check_bag_values(const char* op, const at::Tensor& offsets, const at::Tensor* counts, int64_t num_instances,
+                         const at::Tensor& extra) {
+  const int64_t num_bags = offsets.numel() - 1;
+  if (offsets.device().is_cpu()) {
+    auto off = offsets.contiguous();
+    at::Tensor cnt = counts != nullptr ? counts->contiguous() : at::Tensor();
+    check_bag_values_host(op, off.data_ptr<int64_t>(), num_bags, num_instances,
+                          counts != nullptr ? cnt.data_ptr<int64_t>() : nullptr);
+    return extra.defined() ? extra.item<int64_t>() : 0;
+  }
+  // Device tensors: reduce every condition to one small tensor, copy it once.
+  auto sizes = offsets.slice(0, 1) - offsets.slice(0, 0, num_bags);
+  auto zero = at::zeros({}, offsets.options());
+  std::vector<at::Tensor> parts = {
+      offsets[0] != 0,
+      offsets[num_bags] != num_instances,
+      (sizes < 0).any(),
+      counts != nullptr ? ((*counts < 0) | (*counts > sizes)).any() : zero.to(at::kBool),
+  };
+  std::vector<at::Tensor> as_long;
+  for (auto& t : parts) as_long.push_back(t.to(at::kLong).reshape({1}));
+  as_long.push_back(extra.defined() ? extra.reshape({1}) : zero.reshape({1}));
+  auto host = at::cat(as_long).cpu();
+  auto h = host.data_ptr<int64_t>();
+  if (h[0] || h[1] || h[2] || h[3]) {
+    // Error path only: redo the checks on the host for a precise message.
+    auto off = offsets.cpu();
+    at::Tensor cnt = counts != nullptr ? counts->cpu() : at::Tensor();
+    check_bag_values_host(op, off.data_ptr<int64_t>(), num_bags, num_instances,
+                          counts != nullptr ? cnt.data_ptr<int64_t>() : nullptr);
+    TORCH_CHECK(false, op, ": invalid offsets or counts (device check failed, host re-check passed)");
+  }
+  return h[4];
+}
+
+}  // namespace mlellp

@@ -1,0 +1,29 @@
+// Input validation shared by every op and backend. Errors name the argument
+// and the offending value and are raised as Python ValueError.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace mlellp {
+
+// Ranks, dtypes, lengths and devices; reads no tensor data.
+// counts may be nullptr for ops without counts (log_pmf).
+void check_bag_layout(const char* op, const at::Tensor& logits, const at::Tensor& offsets,
+                      const at::Tensor* counts);
+
+// Values of offsets (0 first, non-decreasing, N last) and counts (0 <= c_b <= n_b),
+// from host pointers. counts may be nullptr.
+void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_bags,
+                           int64_t num_instances, const int64_t* counts);
+
+// The same for tensors on any device. On a GPU it costs one device-to-host
+// copy, which also brings back `extra` (an int64 scalar on the same device,
+// may be undefined) so that a caller can fetch, say, a workspace size in the
+// same sync. Returns extra's value (0 if undefined).
+int64_t check_bag_values(const char* op, const at::Tensor& offsets, const at::Tensor* counts,
+                         int64_t num_instances, const at::Tensor& extra);
+
+// float for float16/bfloat16, else the dtype itself (float32/float64).
+at::ScalarType compute_dtype(at::ScalarType dtype);
+
+}  // namespace mlellp

@@ -1,0 +1,57 @@
+"""Ragged bag layout: a flat tensor of instances plus CSR-style offsets.
+
+Bag b holds instances ``offsets[b]:offsets[b + 1]``; ``offsets`` is int64 of
+length B + 1, starts at 0, is non-decreasing and ends at the number of
+instances. This is the layout of ``torch.nested`` jagged tensors, whose
+``values()`` and ``offsets()`` the ops accept directly.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def offsets_from_sizes(sizes) -> torch.Tensor:
+    """Offsets (int64, length B + 1) of bags with the given sizes.
+
+    Args:
+        sizes: B non-negative bag sizes (sequence or 1-D integer tensor).
+
+    Example:
+        >>> offsets_from_sizes([3, 0, 2])
+        tensor([0, 3, 3, 5])
+    """
+    sizes = torch.as_tensor(sizes)
+    if sizes.dim() != 1:
+        raise ValueError(f"sizes must be 1-D, got shape {tuple(sizes.shape)}")
+    if sizes.is_floating_point() or sizes.is_complex() or sizes.dtype == torch.bool:
+        raise ValueError(f"sizes must be integers, got dtype {sizes.dtype}")
+    sizes = sizes.to(torch.int64)
+    if sizes.numel() and bool((sizes < 0).any()):
+        b = int(torch.nonzero(sizes < 0)[0])
+        raise ValueError(f"sizes must be non-negative, got sizes[{b}] = {int(sizes[b])}")
+    return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
+
+
+def sizes_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """Bag sizes ``offsets[1:] - offsets[:-1]``."""
+    return offsets[1:] - offsets[:-1]
+
+
+def split_nested(logits, offsets, counts, op: str):
+    """Accept ``(logits, offsets, counts)`` or ``(nested_logits, counts)``.
+
+    Returns ``(flat_logits, offsets, counts, nested)``; ``nested`` says whether
+    the input was a jagged nested tensor (then outputs are returned nested).
+    """
+    if getattr(logits, "is_nested", False):
+        if logits.layout != torch.jagged:
+            raise ValueError(f"{op}: nested logits must use layout=torch.jagged, got {logits.layout}")
+        if logits.dim() != 2:
+            raise ValueError(f"{op}: nested logits must be (B, j) with one logit per instance, got {logits.dim()} dims")
+        if counts is not None and offsets is not None:
+            raise ValueError(f"{op}: with nested logits pass counts only, not offsets (the nested tensor holds them)")
+        counts = offsets if counts is None else counts
+        return logits.values(), logits.offsets(), counts, True
+    if offsets is None:
+        raise ValueError(f"{op}: offsets is required unless logits is a torch.nested jagged tensor")
+    return logits, offsets, counts, False

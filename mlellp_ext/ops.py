@@ -1,0 +1,175 @@
+"""The E-step as torch ops: autograd and fake kernels, and the Python API.
+
+The kernels are C++/CUDA (csrc/ops); this file registers what Python adds:
+``register_fake`` (shapes for torch.compile / meta tensors) and
+``register_autograd`` (d log P(S=y) / dz_i = phi_i - sigmoid(z_i)).
+"""
+from __future__ import annotations
+
+import torch
+
+from .bags import split_nested
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+# ---------------------------------------------------------------- fake kernels
+@torch.library.register_fake("mlellp::posterior")
+def _posterior_fake(logits, offsets, counts):
+    torch._check(logits.dim() == 1, lambda: f"posterior: logits must be 1-D, got {logits.dim()}-D")
+    torch._check(offsets.dim() == 1, lambda: f"posterior: offsets must be 1-D, got {offsets.dim()}-D")
+    torch._check(counts.dim() == 1, lambda: f"posterior: counts must be 1-D, got {counts.dim()}-D")
+    num_bags = offsets.shape[0] - 1
+    phi = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    log_lik = logits.new_empty((num_bags,), dtype=_compute_dtype(logits.dtype))
+    return phi, log_lik
+
+
+@torch.library.register_fake("mlellp::posterior_backward")
+def _posterior_backward_fake(grad_log_likelihood, phi, logits, offsets):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("mlellp::log_pmf")
+def _log_pmf_fake(logits, offsets):
+    torch._check(logits.dim() == 1, lambda: f"log_pmf: logits must be 1-D, got {logits.dim()}-D")
+    torch._check(offsets.dim() == 1, lambda: f"log_pmf: offsets must be 1-D, got {offsets.dim()}-D")
+    size = logits.shape[0] + offsets.shape[0] - 1
+    return logits.new_empty((size,), dtype=_compute_dtype(logits.dtype))
+
+
+# -------------------------------------------------------------------- autograd
+def _posterior_setup_context(ctx, inputs, output):
+    logits, offsets, _counts = inputs
+    phi, _log_lik = output
+    ctx.mark_non_differentiable(phi)
+    ctx.save_for_backward(phi, logits, offsets)
+
+
+def _posterior_backward(ctx, _grad_phi, grad_log_lik):
+    phi, logits, offsets = ctx.saved_tensors
+    grad = torch.ops.mlellp.posterior_backward(grad_log_lik, phi, logits, offsets)
+    return grad, None, None
+
+
+torch.library.register_autograd(
+    "mlellp::posterior", _posterior_backward, setup_context=_posterior_setup_context
+)
+
+
+def _log_pmf_setup_context(ctx, inputs, output):
+    pass
+
+
+def _log_pmf_backward(ctx, grad):
+    raise RuntimeError(
+        "mlellp::log_pmf is not differentiable; for a differentiable log-likelihood of observed "
+        "counts use mlellp_ext.bag_log_likelihood (or torch.ops.mlellp.posterior)"
+    )
+
+
+torch.library.register_autograd("mlellp::log_pmf", _log_pmf_backward, setup_context=_log_pmf_setup_context)
+
+
+# ------------------------------------------------------------------ Python API
+def posterior(logits, offsets=None, counts=None):
+    """E-step: posterior marginals and log-likelihood of each bag's count.
+
+    With h_i ~ Bernoulli(sigmoid(logits[i])) independent and S_b the sum over
+    bag b, returns ``(phi, log_likelihood)`` with
+    ``phi[i] = P(h_i = 1 | S_b = counts[b])`` and
+    ``log_likelihood[b] = log P(S_b = counts[b])``, computed exactly in
+    O(n_b * min(y_b, n_b - y_b)) per bag.
+
+    Args:
+        logits: (N,) float32/float64 (float16/bfloat16 are computed in
+            float32), any device the library was built for; or a
+            ``torch.nested`` jagged tensor (B, j), in which case the second
+            argument is ``counts``.
+        offsets: (B + 1,) int64, ``offsets[0] = 0``, non-decreasing,
+            ``offsets[B] = N``; bag b is ``logits[offsets[b]:offsets[b+1]]``.
+        counts: (B,) int64 with ``0 <= counts[b] <= n_b``.
+
+    Returns:
+        phi: (N,) in the dtype of logits (nested if logits is nested); not
+            differentiable. Exactly 0 where counts[b] = 0 and exactly 1 where
+            counts[b] = n_b.
+        log_likelihood: (B,) float32 for float16/bfloat16/float32 logits,
+            float64 for float64; differentiable w.r.t. logits. 0 for an empty
+            bag. A bag whose count infinite logits make impossible gets
+            -inf and NaN phi; a NaN logit makes its own bag NaN.
+
+    Example:
+        >>> logits = torch.tensor([0.3, -1.2, 2.0, 0.5, 0.1])
+        >>> offsets = offsets_from_sizes([3, 2])
+        >>> phi, ll = posterior(logits, offsets, torch.tensor([1, 2]))
+        >>> phi.shape, ll.shape
+        (torch.Size([5]), torch.Size([2]))
+    """
+    flat, offsets, counts, nested = split_nested(logits, offsets, counts, "posterior")
+    if counts is None:
+        raise ValueError("posterior: counts is required")
+    phi, log_lik = torch.ops.mlellp.posterior(flat, offsets, counts)
+    if nested:
+        phi = torch.nested.nested_tensor_from_jagged(phi, offsets)
+    return phi, log_lik
+
+
+def log_pmf(logits, offsets=None):
+    """Whole log-PMF of every bag's count: ``log P(S_b = k)`` for k = 0..n_b.
+
+    Args:
+        logits: (N,) or a ``torch.nested`` jagged tensor (then omit offsets).
+        offsets: (B + 1,) int64 as in :func:`posterior`.
+
+    Returns:
+        (N + B,) flat tensor; bag b's ``log P(S_b = k)`` is at
+        ``offsets[b] + b + k``. Returned as a jagged nested tensor (B, n_b + 1)
+        when logits is nested. dtype as ``log_likelihood`` of
+        :func:`posterior`. Not differentiable (backward raises): use
+        :func:`bag_log_likelihood` for gradients.
+
+    Example:
+        >>> out = log_pmf(torch.tensor([0.0, 0.0]), offsets_from_sizes([2]))
+        >>> out.exp()  # P(S = 0, 1, 2) of two fair coins
+        tensor([0.2500, 0.5000, 0.2500])
+    """
+    flat, offsets, _, nested = split_nested(logits, offsets, None, "log_pmf")
+    out = torch.ops.mlellp.log_pmf(flat, offsets)
+    if nested:
+        pmf_offsets = offsets + torch.arange(offsets.numel(), device=offsets.device)
+        out = torch.nested.nested_tensor_from_jagged(out, pmf_offsets)
+    return out
+
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean"):
+    """Differentiable log-likelihood ``log P(S_b = counts[b])`` of observed bag counts.
+
+    Maximise it (minimise its negative) to fit logits to bag counts directly;
+    its gradient w.r.t. logits[i] is ``phi[i] - sigmoid(logits[i])``.
+
+    Args:
+        logits, offsets, counts: as in :func:`posterior` (nested logits too).
+        reduction: ``'none'`` (per bag, shape (B,)), ``'mean'`` over bags
+            (default) or ``'sum'``.
+
+    Example:
+        >>> z = torch.randn(5, requires_grad=True)
+        >>> loss = -bag_log_likelihood(z, offsets_from_sizes([3, 2]), torch.tensor([1, 2]))
+        >>> loss.backward()
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"bag_log_likelihood: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _, log_lik = posterior(logits, offsets, counts)
+    if reduction == "mean":
+        return log_lik.mean()
+    if reduction == "sum":
+        return log_lik.sum()
+    return log_lik
