@@ -34,6 +34,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MLELLP_HD __host__ __device__ __forceinline__
@@ -51,10 +52,6 @@ MLELLP_HD float m_log(float x) { return ::logf(x); }
 MLELLP_HD double m_log(double x) { return ::log(x); }
 MLELLP_HD float m_log1p(float x) { return ::log1pf(x); }
 MLELLP_HD double m_log1p(double x) { return ::log1p(x); }
-MLELLP_HD float m_frexp(float x, int* e) { return ::frexpf(x, e); }
-MLELLP_HD double m_frexp(double x, int* e) { return ::frexp(x, e); }
-MLELLP_HD float m_ldexp(float x, int e) { return ::ldexpf(x, e); }
-MLELLP_HD double m_ldexp(double x, int e) { return ::ldexp(x, e); }
 
 template <typename T> MLELLP_HD T inf_value() { return static_cast<T>(INFINITY); }
 template <typename T> MLELLP_HD T nan_value() { return static_cast<T>(NAN); }
@@ -112,15 +109,52 @@ MLELLP_HD int64_t posterior_workspace(int64_t n, int64_t ylo, int64_t yhi) {
   return 2 * n + n * w + 2 * w;  // p and q; forward rows 0..n-1; two rolling backward rows
 }
 
+// Exponent e with x = f * 2^e, f in [0.5, 1), and the exact factor 2^-e, by
+// bit manipulation (frexp/ldexp are library calls on the host and cost ~15%
+// of a small bag). x must be a positive normal number not above 2.
+MLELLP_HD void pow2_normalizer(float x, int* e, float* scale) {
+#ifdef __CUDA_ARCH__
+  const uint32_t bits = __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+#endif
+  *e = static_cast<int>((bits >> 23) & 0xffu) - 126;
+  const uint32_t sbits = static_cast<uint32_t>(127 - *e) << 23;
+#ifdef __CUDA_ARCH__
+  *scale = __uint_as_float(sbits);
+#else
+  std::memcpy(scale, &sbits, sizeof sbits);
+#endif
+}
+MLELLP_HD void pow2_normalizer(double x, int* e, double* scale) {
+#ifdef __CUDA_ARCH__
+  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+#endif
+  *e = static_cast<int>((bits >> 52) & 0x7ffu) - 1022;
+  const uint64_t sbits = static_cast<uint64_t>(1023 - *e) << 52;
+#ifdef __CUDA_ARCH__
+  *scale = __longlong_as_double(static_cast<long long>(sbits));
+#else
+  std::memcpy(scale, &sbits, sizeof sbits);
+#endif
+}
+template <typename T> MLELLP_HD T min_normal();
+template <> MLELLP_HD float min_normal<float>() { return 1.17549435e-38f; }
+template <> MLELLP_HD double min_normal<double>() { return 2.2250738585072014e-308; }
+
 // Rescale row[0..len) by a power of two so its maximum is in [0.5, 1).
-// Returns false if the row is all zero or, after rescaling, holds an entry
-// below tiny_value (a possible loss of precision). *exponent += shift.
+// Returns false if the maximum is zero or subnormal or, after rescaling, an
+// entry is below tiny_value (a possible loss of precision). *exponent += shift.
 template <typename T>
 MLELLP_HD bool normalize_row(T* row, int64_t len, T row_max, int64_t* exponent) {
-  if (!(row_max > T(0)) || is_inf(row_max)) return false;
+  if (!(row_max >= min_normal<T>()) || row_max > T(2)) return false;
   int e;
-  m_frexp(row_max, &e);
-  const T scale = m_ldexp(T(1), -e);
+  T scale;
+  pow2_normalizer(row_max, &e, &scale);
   const T tiny = tiny_value<T>();
   bool ok = true;
   for (int64_t k = 0; k < len; ++k) {

@@ -1,0 +1,53 @@
+# mlellp: `make run` (main job) and `make test` set everything up themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# nvcc for the CUDA kernels: CUDA_HOME if set, else /usr/local/cuda if present.
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(wildcard /usr/local/cuda/bin/nvcc))
+export CUDA_HOME
+export MAX_JOBS ?= $(shell nproc)
+CSRC := $(shell find csrc -type f) setup.py pyproject.toml
+CMAKE_BUILD := cmake-build
+
+.PHONY: run test test-python test-cpp bench gpu-check clean
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+# The extension, built against the venv's torch (no build isolation).
+$(VENV)/.built: $(VENV)/.deps $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import mlellp_ext, torch; print('built:', torch.ops.mlellp.posterior)"
+	touch $@
+
+run: $(VENV)/.built
+	$(PY) -m mlellp_ext.demo
+
+test: test-cpp test-python
+
+test-python: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+# The same sources through CMake against libtorch, and the C++ test under CTest.
+test-cpp: $(VENV)/.built
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-7.5;8.0;8.6;8.9;9.0}" cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME)) > $(CMAKE_BUILD).log || (cat $(CMAKE_BUILD).log; exit 1)
+	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+bench: $(VENV)/.built
+	$(PY) -m pytest -q bench -p no:cacheprovider --benchmark-json bench/results/posterior_cpu.json
+	$(PY) bench/report.py bench/results/posterior_cpu.json --out bench/results/posterior_cpu.md
+
+# For a machine with a GPU and its own torch (no network): see bench/gpu_check.sh.
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log *.egg-info mlellp_ext/*.so
