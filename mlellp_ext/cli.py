@@ -1,0 +1,171 @@
+"""The ``mlellp`` command: train, evaluate, predict.
+
+    mlellp train --dataset digits --method mle --out runs/digits-mle
+    mlellp evaluate --model runs/digits-mle/model.pt
+    mlellp predict --model runs/digits-mle/model.pt --out predictions.csv
+
+Also ``python -m mlellp_ext ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+
+from .em import ESTEP_MODES
+from .models import BACKBONES
+
+DATASETS = ("digits", "npz", "cifar10", "family-faces", "manifest")
+DATA_OPTIONS = ("dataset", "data_root", "classes", "download", "test_root", "counts_file", "bag_size",
+                "num_bags", "test_fraction", "seed")
+
+
+def _add_data_options(p, defaults: bool):
+    d = (lambda v: v) if defaults else (lambda v: None)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=d("digits"),
+                   help="digits: scikit-learn's bundled digits (label: digit >= 5); npz: --data-root FILE.npz "
+                        "(x uint8 NxHxWxC, y); cifar10: torchvision CIFAR10 under --data-root; family-faces: a folder "
+                        "of BAGID-...{f|m}.EXT crops; manifest: --data-root instances.csv (path,bag[,label]) "
+                        "with --counts-file counts.csv (bag,count)")
+    g.add_argument("--data-root", default=None, help="file or folder of the dataset")
+    g.add_argument("--classes", default=None, help="two classes A,B when the labels have more (A -> 0, B -> 1)")
+    g.add_argument("--download", action="store_true", default=None if not defaults else False,
+                   help="allow torchvision to download CIFAR-10 (never done otherwise)")
+    g.add_argument("--test-root", default=None, help="separate test data in the same format (instead of a split)")
+    g.add_argument("--counts-file", default=None, help="manifest: CSV of bag counts (bag,count)")
+    g.add_argument("--bag-size", default=d("2:12"), help="bag sizes LO:HI, uniform (default 2:12)")
+    g.add_argument("--num-bags", type=int, default=None, help="number of bags (default: as many as fit)")
+    g.add_argument("--test-fraction", type=float, default=d(0.2), help="fraction of bags for testing (default 0.2)")
+    g.add_argument("--seed", type=int, default=d(0), help="seed of bags, split, initialisation and shuffling")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mlellp", description="Learning from label proportions (MLE-LLP).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an instance classifier from bag counts")
+    _add_data_options(t, defaults=True)
+    t.add_argument("--method", choices=("mle", "mle-direct", "dllp", "supervised"), default="mle",
+                   help="mle: EM (default); mle-direct: -log P(y|X) by gradient descent; dllp: bag-proportion "
+                        "loss; supervised: instance labels (upper bound)")
+    t.add_argument("--backbone", choices=BACKBONES, default="cnn")
+    t.add_argument("--width", type=float, default=1.0, help="channel multiplier of the cnn backbone")
+    t.add_argument("--weights", default=None, help="local resnet18 weights (state_dict) to start from")
+    t.add_argument("--epochs", type=int, default=30, help="epoch limit (EM may stop earlier)")
+    t.add_argument("--batch-size", type=int, default=64, help="instances per minibatch")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--estep", choices=ESTEP_MODES, default="fresh",
+                   help="E-step logits: fresh inference pass (exact EM) or recorded during the M-step")
+    t.add_argument("--tol", type=float, default=1e-4, help="EM stops when |change of mean bag log-likelihood| < tol")
+    t.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/blur/colour jitter")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+
+    for name, helptext in (("evaluate", "print test metrics of a trained model as JSON"),
+                           ("predict", "write per-instance probabilities and per-bag expected counts")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, help="model.pt written by train")
+        _add_data_options(p, defaults=False)
+        p.add_argument("--split", choices=("test", "train", "all"), default="test", help="which bags (default test)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--batch-size", type=int, default=256)
+        if name == "predict":
+            p.add_argument("--out", required=True,
+                           help="instance CSV; per-bag expected counts go to the same name with _bags before .csv")
+    return parser
+
+
+def _train(args):
+    from .train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    train(cfg)
+
+
+def _model_and_bags(args):
+    from .data import Bags
+    from .train import TrainConfig, load_data, load_model
+
+    model, payload = load_model(args.model, args.device)
+    cfg = TrainConfig(**payload["config"])
+    overrides = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    dataset = load_data(cfg)
+    if args.split == "all":
+        import torch
+
+        tr, te = dataset.train, dataset.test
+        sizes = torch.cat([tr.offsets[1:] - tr.offsets[:-1], te.offsets[1:] - te.offsets[:-1]])
+        from .bags import offsets_from_sizes
+
+        bags = Bags(torch.cat([tr.index, te.index]), offsets_from_sizes(sizes), torch.cat([tr.counts, te.counts]),
+                    list(tr.bag_ids) + list(te.bag_ids))
+    else:
+        bags = getattr(dataset, args.split)
+    return model, dataset, bags
+
+
+def _preprocess(model, dataset):
+    from .batches import Preprocess
+
+    device = next(model.parameters()).device
+    return Preprocess(dataset.data.x, dataset.data.is_rgb, augment=False, device=device)
+
+
+def _evaluate(args):
+    from .train import bag_metrics
+
+    model, dataset, bags = _model_and_bags(args)
+    metrics, _, _ = bag_metrics(model, _preprocess(model, dataset), dataset.data, bags, args.batch_size)
+    metrics["split"] = args.split
+    print(json.dumps(metrics, indent=2))
+
+
+def _predict(args):
+    import torch
+
+    from .train import bag_metrics
+
+    model, dataset, bags = _model_and_bags(args)
+    _, prob, expected = bag_metrics(model, _preprocess(model, dataset), dataset.data, bags, args.batch_size)
+    sizes = bags.offsets[1:] - bags.offsets[:-1]
+    bag = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    y = dataset.data.y
+    with open(args.out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["instance", "bag", "probability"] + (["label"] if y is not None else []))
+        for pos in range(bags.index.numel()):
+            i = int(bags.index[pos])
+            w.writerow([i, bags.bag_ids[int(bag[pos])], f"{float(prob[pos]):.6f}"]
+                       + ([int(y[i])] if y is not None else []))
+    bag_path = args.out[:-4] + "_bags.csv" if args.out.endswith(".csv") else args.out + "_bags.csv"
+    with open(bag_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["bag", "size", "count", "expected_count"])
+        for b in range(sizes.numel()):
+            w.writerow([bags.bag_ids[b], int(sizes[b]), int(bags.counts[b]), f"{float(expected[b]):.4f}"])
+    print(f"wrote {args.out} ({bags.index.numel()} instances) and {bag_path} ({sizes.numel()} bags)",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+
+    try:
+        {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
+    except (DataError, FileNotFoundError) as e:
+        print(f"mlellp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,605 @@
+"""Instance data, bags and train/test splits for training from label proportions.
+
+``load_dataset(name, ...)`` returns a :class:`BagDataset`: every instance in one
+:class:`InstanceData`, and train and test :class:`Bags` that index into it in
+the ragged layout of :mod:`mlellp_ext.bags` (``offsets`` of length B + 1) plus
+the number of positives per bag, which is all a learner from label proportions
+may see. Instance labels, where known, are kept for evaluation only.
+
+Datasets:
+
+* ``digits``: scikit-learn's bundled 8x8 digits (no download); label 1 = digit >= 5.
+* ``npz``: a .npz file with ``x`` (N, H, W[, C]) uint8, ``y`` (N,) and optional ``classes``.
+* ``cifar10``: torchvision's CIFAR-10 training set; ``classes="bird,cat"`` picks two.
+* ``family-faces``: a folder of face crops ``BAGID-<anything>{f|m}.jpg``; a bag per BAGID.
+* ``manifest``: your own images: an instances CSV ``path,bag[,label]`` and a counts CSV ``bag,count``.
+
+``digits``, ``npz`` and ``cifar10`` form bags of uniform random sizes drawn
+without replacement; all datasets then split whole bags into train and test.
+Everything random comes from one ``torch.Generator`` seeded with ``seed``, so a
+seed gives the same bags and split on every run and machine. Nothing is
+downloaded unless ``download=True``. Every bad input raises :class:`DataError`
+whose message names the file, and the line where there is one, so that a
+mistake in the data is reported before any training starts.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .bags import offsets_from_sizes, sizes_from_offsets
+
+__all__ = [
+    "BagDataset",
+    "Bags",
+    "DATASETS",
+    "DataError",
+    "InstanceData",
+    "bag_of_instance",
+    "instance_labels_available",
+    "load_dataset",
+    "parse_bag_size",
+    "random_bags",
+    "split_bags",
+    "subset_bags",
+]
+
+DATASETS = ("digits", "npz", "cifar10", "family-faces", "manifest")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+FACE_SIZE = (96, 120)  # (width, height) of family-faces crops after resizing
+
+
+class DataError(ValueError):
+    """A bad dataset, file or option; the message names the file and line where there is one."""
+
+
+@dataclass
+class InstanceData:
+    x: torch.Tensor  # images: uint8 (N, C, H, W); or float32 (N, C, H, W) for digits
+    y: torch.Tensor | None  # int64 (N,) instance labels in {0, 1}; None when unknown
+    classes: list[str]  # names of label 0 and label 1
+    is_rgb: bool  # True for 3-channel natural images (augmentation applies)
+    source: str  # human-readable description of where the data came from
+
+
+@dataclass
+class Bags:
+    index: torch.Tensor  # int64 (M,) instance indices into InstanceData, bag after bag
+    offsets: torch.Tensor  # int64 (B+1,), offsets[0]=0, bag b = index[offsets[b]:offsets[b+1]]
+    counts: torch.Tensor  # int64 (B,) number of positives per bag
+    bag_ids: list[str]  # (B,) a name per bag (str(b) for random bags, the given id otherwise)
+
+
+@dataclass
+class BagDataset:
+    data: InstanceData  # all instances (train and test bags index into it)
+    train: Bags
+    test: Bags
+
+
+# ---------------------------------------------------------------------------
+# Bags
+
+
+def bag_of_instance(bags: Bags) -> torch.Tensor:
+    """int64 (M,): the bag number of each position in ``bags.index``."""
+    sizes = sizes_from_offsets(bags.offsets)
+    return torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), sizes)
+
+
+def instance_labels_available(data) -> bool:
+    """Whether instance labels are known (for evaluation); accepts InstanceData or BagDataset."""
+    if isinstance(data, BagDataset):
+        data = data.data
+    return data.y is not None
+
+
+def _check_size_range(size_range) -> tuple[int, int]:
+    lo, hi = (int(v) for v in size_range)
+    if lo < 1 or lo > hi:
+        raise DataError(f"bag sizes must satisfy 1 <= LO <= HI, got LO={lo}, HI={hi}")
+    return lo, hi
+
+
+def random_bags(num_instances: int, num_bags: int | None, size_range: tuple[int, int],
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bags of uniform random sizes in ``[lo, hi]`` (inclusive), instances drawn without replacement.
+
+    Returns ``(index, offsets)``. With ``num_bags=None`` sizes are drawn until the
+    next bag would not fit, so almost every instance is used; a given ``num_bags``
+    whose drawn sizes sum past ``num_instances`` raises :class:`DataError` (the
+    sizes are random, so whether they fit depends on the seed, not only on the
+    expected total). Sizes are drawn before the permutation, so a seed fixes both.
+    """
+    lo, hi = _check_size_range(size_range)
+    n = int(num_instances)
+    if n < 0:
+        raise DataError(f"num_instances must be non-negative, got {n}")
+    if num_bags is None:
+        # At most n // lo bags can fit; keep the prefix whose running total fits.
+        sizes = torch.randint(lo, hi + 1, (n // lo,), generator=generator, dtype=torch.int64)
+        sizes = sizes[torch.cumsum(sizes, 0) <= n]
+        if len(sizes) == 0:
+            raise DataError(f"only {n} instances available, fewer than the smallest bag size {lo}")
+    else:
+        num_bags = int(num_bags)
+        if num_bags < 1:
+            raise DataError(f"the number of bags must be at least 1, got {num_bags}")
+        sizes = torch.randint(lo, hi + 1, (num_bags,), generator=generator, dtype=torch.int64)
+        need = int(sizes.sum())
+        if need > n:
+            raise DataError(
+                f"{num_bags} bags of sizes {lo}..{hi} need {need} instances (about "
+                f"{num_bags * (lo + hi) / 2:.0f} expected) but only {n} are available; "
+                f"ask for fewer bags or smaller bags")
+    perm = torch.randperm(n, generator=generator)
+    return perm[: int(sizes.sum())].contiguous(), offsets_from_sizes(sizes)
+
+
+def subset_bags(bags: Bags, which: torch.Tensor) -> Bags:
+    """The bags numbered ``which`` (int64, in that order), re-packed contiguously."""
+    which = torch.as_tensor(which, dtype=torch.int64)
+    sizes = sizes_from_offsets(bags.offsets)[which]
+    offsets = offsets_from_sizes(sizes)
+    # Position j of new bag k is old position starts[k] + (j - offsets[k]).
+    shift = torch.repeat_interleave(bags.offsets[:-1][which] - offsets[:-1], sizes)
+    pos = shift + torch.arange(int(offsets[-1]), dtype=torch.int64)
+    return Bags(index=bags.index[pos], offsets=offsets, counts=bags.counts[which].clone(),
+                bag_ids=[bags.bag_ids[int(b)] for b in which])
+
+
+def split_bags(bags: Bags, test_fraction: float, generator: torch.Generator) -> tuple[Bags, Bags]:
+    """Random split of whole bags into ``(train, test)``; a bag is never split.
+
+    The test set gets ``round(test_fraction * B)`` bags (use 0.2 by default), but
+    at least one when ``test_fraction > 0`` and there are two or more bags, and
+    never all of them, so neither side is unexpectedly empty. Both keep the
+    original bag order.
+    """
+    test_fraction = float(test_fraction)
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataError(f"test fraction must be in [0, 1), got {test_fraction}")
+    num = len(bags.bag_ids)
+    n_test = int(math.floor(test_fraction * num + 0.5))
+    if test_fraction > 0 and num >= 2:
+        n_test = max(n_test, 1)
+    n_test = min(n_test, max(num - 1, 0))
+    perm = torch.randperm(num, generator=generator)
+    test = perm[:n_test].sort().values
+    train = perm[n_test:].sort().values
+    return subset_bags(bags, train), subset_bags(bags, test)
+
+
+def parse_bag_size(text: str) -> tuple[int, int]:
+    """``'2:12'`` -> ``(2, 12)``; ``'5'`` -> ``(5, 5)``; anything else raises DataError."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", str(text))
+    if m is None:
+        raise DataError(f"--bag-size must be LO:HI or N (e.g. 2:12 or 5), got {text!r}")
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) is not None else lo
+    if lo < 1 or lo > hi:
+        raise DataError(f"--bag-size must be LO:HI with 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _bag_counts(y: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Positives per bag: sum of y over each bag's instances."""
+    sizes = sizes_from_offsets(offsets)
+    bag = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), sizes)
+    return torch.zeros(len(sizes), dtype=torch.int64).index_add_(0, bag, y[index])
+
+
+def _random_labelled_bags(y: torch.Tensor, lo_hi, num_bags, generator, start: int = 0,
+                          first_id: int = 0) -> Bags:
+    """Random bags over instances ``start .. start + len(y) - 1`` with counts from ``y``."""
+    index, offsets = random_bags(len(y), num_bags, lo_hi, generator)
+    counts = _bag_counts(y, index, offsets)
+    ids = [str(first_id + b) for b in range(len(offsets) - 1)]
+    return Bags(index=index + start, offsets=offsets, counts=counts, bag_ids=ids)
+
+
+# ---------------------------------------------------------------------------
+# Labels and arrays
+
+
+def _parse_class_pair(classes: str) -> list[str]:
+    parts = [p.strip() for p in str(classes).split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise DataError(f"--classes must be two classes separated by a comma (e.g. bird,cat), got {classes!r}")
+    if parts[0] == parts[1]:
+        raise DataError(f"--classes must name two different classes, got {classes!r}")
+    return parts
+
+
+def _binary_labels(y: np.ndarray, names: list[str] | None, classes: str | None, where: str):
+    """Pick the instances of two classes and relabel them 0/1.
+
+    Returns ``(keep, y01, class_names)``: indices of the kept instances, their
+    labels (first class -> 0, second -> 1) and the two class names. A class is
+    named by its name in ``names`` or by its integer label value.
+    """
+    present = np.unique(y).tolist()
+    if classes is None:
+        if not set(present) <= {0, 1}:
+            shown = ", ".join(str(v) for v in present[:20]) + (", ..." if len(present) > 20 else "")
+            raise DataError(f"{where}: labels are not binary 0/1 (found {shown}); "
+                            f"pass --classes A,B to pick two classes")
+        cls = [str(names[0]), str(names[1])] if names is not None and len(names) >= 2 else ["0", "1"]
+        return np.arange(len(y)), y.astype(np.int64), cls
+    values, cls = [], []
+    for part in _parse_class_pair(classes):
+        if names is not None and part in names:
+            v = names.index(part)
+        elif re.fullmatch(r"[+-]?\d+", part):
+            v = int(part)
+        else:
+            v = None
+        if v is None or v not in present:
+            if names is not None:
+                avail = "available names: " + ", ".join(names)
+            else:
+                avail = "available label values: " + ", ".join(str(p) for p in present)
+            what = "has no instances" if v is not None else "is unknown"
+            raise DataError(f"{where}: class {part!r} {what}; {avail}")
+        values.append(v)
+        cls.append(str(names[v]) if names is not None and 0 <= v < len(names) else part)
+    if values[0] == values[1]:
+        raise DataError(f"{where}: --classes {classes!r} names the same class twice")
+    keep = np.flatnonzero((y == values[0]) | (y == values[1]))
+    return keep, (y[keep] == values[1]).astype(np.int64), cls
+
+
+def _images_nchw(x: np.ndarray, where: str) -> torch.Tensor:
+    """uint8 (N, H, W[, C]) array -> uint8 (N, C, H, W) tensor."""
+    if x.dtype != np.uint8:
+        raise DataError(f"{where}: x must be uint8 images, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataError(f"{where}: x must have shape (N, H, W, C) or (N, H, W), got {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _load_npz(path: str, classes: str | None):
+    """(x uint8 NCHW, y int64 0/1, class names, whether the file names its classes) from a .npz."""
+    if not path:
+        raise DataError("the npz dataset needs --data-root pointing to a .npz file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: npz file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files if k in ("x", "y", "classes")}
+    except ValueError as e:  # object arrays need pickle, which we refuse to run
+        raise DataError(f"{path}: cannot read arrays ({e}); store classes as a string array, not objects") from e
+    except Exception as e:  # noqa: BLE001  (not a zip / truncated file)
+        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DataError(f"{path}: missing array {key!r} (need x and y, optional classes)")
+    x, y = arrays["x"], arrays["y"]
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise DataError(f"{path}: y must be a 1-D integer array, got dtype {y.dtype} shape {y.shape}")
+    if len(y) != len(x):
+        raise DataError(f"{path}: x has {len(x)} images but y has {len(y)} labels")
+    names = [str(c) for c in arrays["classes"].reshape(-1).tolist()] if "classes" in arrays else None
+    keep, y01, cls = _binary_labels(y.astype(np.int64), names, classes, path)
+    if len(keep) == 0:
+        raise DataError(f"{path}: no instances")
+    xt = _images_nchw(x, path)
+    if len(keep) != len(y):
+        xt = xt[torch.from_numpy(keep)]
+    return xt, torch.from_numpy(y01), cls, names is not None
+
+
+# ---------------------------------------------------------------------------
+# Images
+
+
+def _read_rgb(path: str, size: tuple[int, int] | None, where: str) -> np.ndarray:
+    """An image file as uint8 (H, W, 3), resized (bilinear) to ``size`` = (width, height) if given."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != tuple(size):
+                im = im.resize(tuple(size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
+        raise DataError(f"{where}: cannot read image {path} ({type(e).__name__}: {e})") from e
+
+
+def _stack_nchw(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
+
+
+# ---------------------------------------------------------------------------
+# Datasets
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images.astype(np.float32) / 16.0)[:, None])
+    y = torch.from_numpy((d.target >= 5).astype(np.int64))
+    return InstanceData(x=x, y=y, classes=["digit<5", "digit>=5"], is_rgb=False,
+                        source=f"scikit-learn load_digits: {len(y)} 8x8 digit images, label 1 = digit >= 5")
+
+
+def _load_cifar10(root: str | None, classes: str | None, download: bool, train: bool = True):
+    if not classes:
+        raise DataError("cifar10 needs --classes A,B naming two CIFAR-10 classes (e.g. bird,cat)")
+    if not root:
+        raise DataError("cifar10 needs --data-root, the folder that holds (or will hold) cifar-10-batches-py")
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(root=root, train=train, download=download)
+    except RuntimeError as e:
+        if download:
+            raise DataError(f"{root}: could not download CIFAR-10 ({e})") from e
+        raise DataError(f"{root}: CIFAR-10 not found there; pass --download to download it ({e})") from e
+    except Exception as e:  # noqa: BLE001  (network errors when downloading)
+        raise DataError(f"{root}: could not load CIFAR-10 ({type(e).__name__}: {e})") from e
+    where = f"CIFAR-10 in {root}"
+    keep, y01, cls = _binary_labels(np.asarray(ds.targets, dtype=np.int64), list(ds.classes), classes, where)
+    x = _images_nchw(np.asarray(ds.data)[keep], where)
+    return x, torch.from_numpy(y01), cls
+
+
+def _face_files(root: str | None):
+    """Sorted ``[(bag_id, file_name, label)]`` for a family-faces folder."""
+    if not root:
+        raise DataError("family-faces needs --data-root, a folder of face crops named BAGID-<anything>{f|m}.jpg")
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: not a folder")
+    entries = []
+    for name in sorted(os.listdir(root)):
+        full = os.path.join(root, name)
+        # Hidden files (.DS_Store) and subfolders are not face crops; anything else must match.
+        if name.startswith(".") or os.path.isdir(full):
+            continue
+        stem, ext = os.path.splitext(name)
+        bag, sep, rest = stem.partition("-")
+        if ext.lower() not in IMAGE_EXTENSIONS or not sep or not bag or not rest or rest[-1].lower() not in "fm":
+            raise DataError(f"{full}: file name does not match BAGID-<anything>{{f|m}}.EXT "
+                            f"with EXT one of {', '.join(e[1:] for e in IMAGE_EXTENSIONS)}")
+        entries.append((bag, name, 1 if rest[-1].lower() == "f" else 0))
+    if not entries:
+        raise DataError(f"{root}: no face images found")
+    entries.sort()
+    return entries
+
+
+def _load_family_faces(root, num_bags):
+    entries = _face_files(root)
+    bag_order = sorted({bag for bag, _, _ in entries})
+    if num_bags is not None:
+        if int(num_bags) < 1:
+            raise DataError(f"the number of bags must be at least 1, got {num_bags}")
+        bag_order = bag_order[: int(num_bags)]
+        kept = set(bag_order)
+        entries = [e for e in entries if e[0] in kept]
+    # entries is sorted by bag id, so each bag's instances are contiguous.
+    images = [_read_rgb(os.path.join(root, name), FACE_SIZE, os.path.join(root, name)) for _, name, _ in entries]
+    y = torch.tensor([lab for _, _, lab in entries], dtype=torch.int64)
+    per_bag = Counter(bag for bag, _, _ in entries)
+    sizes = torch.tensor([per_bag[b] for b in bag_order], dtype=torch.int64)
+    index = torch.arange(len(entries), dtype=torch.int64)
+    offsets = offsets_from_sizes(sizes)
+    bags = Bags(index=index, offsets=offsets, counts=_bag_counts(y, index, offsets), bag_ids=list(bag_order))
+    data = InstanceData(x=_stack_nchw(images), y=y, classes=["m", "f"], is_rgb=True,
+                        source=f"family-faces folder {root}: {len(entries)} faces in {len(bag_order)} "
+                               f"groups, resized to {FACE_SIZE[1]}x{FACE_SIZE[0]}")
+    return data, bags
+
+
+def _read_csv(path: str, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()):
+    """Header column positions and ``[(line, fields)]`` of a CSV; blank rows skipped.
+
+    Line numbers are 1-based with the header as line 1, as an editor shows them.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {what} file not found")
+    rows = []
+    try:
+        # utf-8-sig: spreadsheets often save a byte-order mark before the header.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            for row in reader:
+                fields = [c.strip() for c in row]
+                if any(fields):
+                    rows.append((reader.line_num, fields))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read {what} CSV ({e})") from e
+    expected = ",".join(required) + "".join(f"[,{c}]" for c in optional)
+    if header is None:
+        raise DataError(f"{path}, line 1: empty file, expected a header row {expected}")
+    header = [h.strip().lower() for h in header]
+    for col in required:
+        if col not in header:
+            raise DataError(f"{path}, line 1: missing column {col!r} in the header "
+                            f"(found {','.join(header)}; expected {expected})")
+    cols = {c: header.index(c) for c in required + optional if c in header}
+    return cols, rows
+
+
+def _field(fields: list[str], cols: dict[str, int], name: str) -> str:
+    i = cols[name]
+    return fields[i] if i < len(fields) else ""
+
+
+def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
+    """Instances, labels and given bags from an instances CSV and a counts CSV.
+
+    Checks both files completely (cheap) before opening any image, so a typo is
+    reported at once rather than after minutes of decoding.
+    """
+    if not csv_path:
+        raise DataError("manifest needs --data-root, an instances CSV with columns path,bag[,label]")
+    if not counts_path:
+        raise DataError("manifest needs --counts-file, a CSV with columns bag,count")
+    cols, rows = _read_csv(csv_path, "instances", ("path", "bag"), ("label",))
+    if not rows:
+        raise DataError(f"{csv_path}: no instances after the header")
+    base = os.path.dirname(os.path.abspath(csv_path))
+    paths, lines, labels, bag_of = [], [], [], []
+    first_line: dict[str, int] = {}
+    members: dict[str, list[int]] = {}  # bag id -> instance numbers, in order of first appearance
+    for line, fields in rows:
+        rel, bag = _field(fields, cols, "path"), _field(fields, cols, "bag")
+        if not rel:
+            raise DataError(f"{csv_path}, line {line}: empty path")
+        if not bag:
+            raise DataError(f"{csv_path}, line {line}: empty bag")
+        label = _field(fields, cols, "label") if "label" in cols else ""
+        if label not in ("", "0", "1"):
+            raise DataError(f"{csv_path}, line {line}: label must be 0 or 1, got {label!r}")
+        full = rel if os.path.isabs(rel) else os.path.join(base, rel)
+        if not os.path.isfile(full):
+            raise DataError(f"{csv_path}, line {line}: image {rel!r} not found (looked for {full})")
+        first_line.setdefault(bag, line)
+        members.setdefault(bag, []).append(len(paths))
+        paths.append(full)
+        lines.append(line)
+        labels.append(label)
+        bag_of.append(bag)
+
+    ccols, crows = _read_csv(counts_path, "counts", ("bag", "count"))
+    counts: dict[str, int] = {}
+    count_line: dict[str, int] = {}
+    for line, fields in crows:
+        bag, text = _field(fields, ccols, "bag"), _field(fields, ccols, "count")
+        where = f"{counts_path}, line {line}"
+        if not bag:
+            raise DataError(f"{where}: empty bag")
+        if bag in counts:
+            raise DataError(f"{where}: bag {bag!r} is listed twice (first on line {count_line[bag]})")
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise DataError(f"{where}: count {text!r} for bag {bag!r} is not an integer")
+        count = int(text)
+        if count < 0:
+            raise DataError(f"{where}: count {count} for bag {bag!r} is negative")
+        if bag not in members:
+            raise DataError(f"{where}: bag {bag!r} has no instances in {csv_path}")
+        if count > len(members[bag]):
+            raise DataError(f"{where}: count {count} for bag {bag!r} is larger than its "
+                            f"{len(members[bag])} instances")
+        counts[bag] = count
+        count_line[bag] = line
+    for bag, line in first_line.items():
+        if bag not in counts:
+            raise DataError(f"{csv_path}, line {line}: bag {bag!r} has no count in {counts_path}")
+
+    bag_order = list(members)
+    if num_bags is not None:
+        if int(num_bags) < 1:
+            raise DataError(f"the number of bags must be at least 1, got {num_bags}")
+        bag_order = bag_order[: int(num_bags)]
+    # Instances are stored bag after bag, so index is simply 0..M-1.
+    order = [i for bag in bag_order for i in members[bag]]
+    images, size = [], None
+    for i in order:
+        # Images of different sizes cannot be batched; resize to the first image's size.
+        img = _read_rgb(paths[i], size, f"{csv_path}, line {lines[i]}")
+        if size is None:
+            size = (img.shape[1], img.shape[0])
+        images.append(img)
+    has_labels = all(labels[i] != "" for i in order)
+    y = torch.tensor([int(labels[i]) for i in order], dtype=torch.int64) if has_labels else None
+    sizes = torch.tensor([len(members[b]) for b in bag_order], dtype=torch.int64)
+    bags = Bags(index=torch.arange(len(order), dtype=torch.int64), offsets=offsets_from_sizes(sizes),
+                counts=torch.tensor([counts[b] for b in bag_order], dtype=torch.int64), bag_ids=bag_order)
+    data = InstanceData(x=_stack_nchw(images), y=y, classes=["0", "1"], is_rgb=True,
+                        source=f"manifest {csv_path} with counts {counts_path}: {len(order)} images in "
+                               f"{len(bag_order)} bags, {size[1]}x{size[0]}")
+    return data, bags
+
+
+def load_dataset(name: str, *, data_root: str | None = None, classes: str | None = None,
+                 download: bool = False, bag_size: tuple[int, int] = (2, 12), num_bags: int | None = None,
+                 test_fraction: float = 0.2, seed: int = 0, test_root: str | None = None,
+                 counts_file: str | None = None) -> BagDataset:
+    """Load instances, form bags and split them into train and test; see the module docstring.
+
+    Args:
+        name: one of ``DATASETS``.
+        data_root: the .npz file (npz), CIFAR-10 folder (cifar10), faces folder
+            (family-faces) or instances CSV (manifest); unused for digits.
+        classes: ``"A,B"``: keep classes A (label 0) and B (label 1), by name or label value.
+        download: allow torchvision to download CIFAR-10; nothing else downloads.
+        bag_size: ``(lo, hi)`` inclusive range of random bag sizes.
+        num_bags: number of random bags (None: as many as fit); for family-faces
+            and manifest, keep only the first ``num_bags`` given bags.
+        test_fraction: fraction of bags held out for testing, in [0, 1).
+        seed: seeds the one generator behind every random choice.
+        test_root: npz: a second .npz whose random bags are the test set (then
+            all bags of ``data_root`` train); cifar10: ``"official"`` takes test
+            bags from the CIFAR-10 test set.
+        counts_file: manifest: CSV ``bag,count``.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise DataError(f"test fraction must be in [0, 1), got {test_fraction}")
+    if name not in ("family-faces", "manifest"):
+        bag_size = _check_size_range(bag_size)
+    if test_root is not None and name not in ("npz", "cifar10"):
+        raise DataError(f"--test-root is only supported for npz and cifar10, not {name}")
+
+    if name == "digits":
+        data = _load_digits()
+        bags = _random_labelled_bags(data.y, bag_size, num_bags, gen)
+        train, test = split_bags(bags, test_fraction, gen)
+        return BagDataset(data=data, train=train, test=test)
+
+    if name in ("npz", "cifar10"):
+        if name == "npz":
+            x, y, cls, named = _load_npz(data_root, classes)
+            source = f"npz file {data_root}: {len(y)} images of {cls[0]} (0) and {cls[1]} (1)"
+        else:
+            if test_root not in (None, "official"):
+                raise DataError(f"cifar10: --test-root must be 'official' (the CIFAR-10 test set), got {test_root!r}")
+            x, y, cls = _load_cifar10(data_root, classes, download)
+            source = f"CIFAR-10 training set in {data_root}: {len(y)} images of {cls[0]} (0) and {cls[1]} (1)"
+        if test_root is None:
+            data = InstanceData(x=x, y=y, classes=cls, is_rgb=x.shape[1] == 3, source=source)
+            bags = _random_labelled_bags(y, bag_size, num_bags, gen)
+            train, test = split_bags(bags, test_fraction, gen)
+            return BagDataset(data=data, train=train, test=test)
+        # A separate test set: every bag of the first set trains; test bags come from the
+        # second, whose instances follow the training ones in InstanceData.
+        if name == "npz":
+            tx, ty, tcls, tnamed = _load_npz(test_root, classes)
+            if named and tnamed and tcls != cls:
+                raise DataError(f"{test_root}: classes {tcls} differ from {cls} in {data_root}")
+            source += f"; test set npz file {test_root}: {len(ty)} images"
+        else:
+            tx, ty, _ = _load_cifar10(data_root, classes, download, train=False)
+            source += f"; test bags from the CIFAR-10 test set: {len(ty)} images"
+        if tx.shape[1:] != x.shape[1:] or tx.dtype != x.dtype:
+            raise DataError(f"{test_root}: test images are {tuple(tx.shape[1:])} {tx.dtype}, "
+                            f"training images {tuple(x.shape[1:])} {x.dtype}")
+        data = InstanceData(x=torch.cat([x, tx]), y=torch.cat([y, ty]), classes=cls,
+                            is_rgb=x.shape[1] == 3, source=source)
+        train = _random_labelled_bags(y, bag_size, num_bags, gen)
+        # Test bag ids continue the training numbering so every id in the dataset is unique.
+        test = _random_labelled_bags(ty, bag_size, None, gen, start=len(y), first_id=len(train.bag_ids))
+        return BagDataset(data=data, train=train, test=test)
+
+    if name == "family-faces":
+        data, bags = _load_family_faces(data_root, num_bags)
+    elif name == "manifest":
+        data, bags = _load_manifest(data_root, counts_file, num_bags)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    train, test = split_bags(bags, test_fraction, gen)
+    return BagDataset(data=data, train=train, test=test)

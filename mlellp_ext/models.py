@@ -1,0 +1,92 @@
+"""Backbones: networks mapping an image batch to one logit per instance.
+
+* ``cnn``: the CIFAR-10 discriminator of LLP-GAN (Liu et al., 2019, Table 3),
+  with a ``width`` multiplier so that CPU runs stay practical.
+* ``resnet18``: torchvision's ResNet-18 with one output, random init (or local
+  weights via ``weights=PATH``), for larger crops such as 96x120 faces.
+
+Both return logits of shape (N,) for ``num_outputs=1`` and (N, K) otherwise,
+and expose ``features(x)`` (the pooled features before the last layer).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BACKBONES = ("cnn", "resnet18")
+
+
+def _conv(cin, cout, k, stride=1):
+    return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2), nn.LeakyReLU(0.2)]
+
+
+class LLPGANCNN(nn.Module):
+    """Dropout 0.2; conv3x3 64, 64, 64/2; Dropout 0.5; conv3x3 128, 128, 128/2;
+    Dropout 0.5; conv3x3 256, conv1x1 128, conv1x1 64; global average pool; linear."""
+
+    def __init__(self, in_channels: int = 3, num_outputs: int = 1, width: float = 1.0):
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        c = lambda n: max(1, int(round(n * width)))  # noqa: E731
+        self.body = nn.Sequential(
+            nn.Dropout(0.2),
+            *_conv(in_channels, c(64), 3), *_conv(c(64), c(64), 3), *_conv(c(64), c(64), 3, stride=2),
+            nn.Dropout(0.5),
+            *_conv(c(64), c(128), 3), *_conv(c(128), c(128), 3), *_conv(c(128), c(128), 3, stride=2),
+            nn.Dropout(0.5),
+            *_conv(c(128), c(256), 3), *_conv(c(256), c(128), 1), *_conv(c(128), c(64), 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(c(64), num_outputs)
+        self.num_outputs = num_outputs
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.features(x))
+        return out.squeeze(1) if self.num_outputs == 1 else out
+
+
+class ResNet18(nn.Module):
+    def __init__(self, in_channels: int = 3, num_outputs: int = 1, weights: str | None = None):
+        super().__init__()
+        import torchvision
+
+        net = torchvision.models.resnet18(weights=None)
+        if weights is not None:
+            # Local file only: a state_dict of torchvision's resnet18 (its fc is replaced below).
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            bad = [k for k in missing if not k.startswith("fc.")]
+            if bad or unexpected:
+                raise ValueError(f"--weights {weights}: not a resnet18 state_dict "
+                                 f"(missing {bad[:3]}, unexpected {list(unexpected)[:3]})")
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        net.fc = nn.Identity()
+        self.net = net
+        self.head = nn.Linear(512, num_outputs)
+        self.num_outputs = num_outputs
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.features(x))
+        return out.squeeze(1) if self.num_outputs == 1 else out
+
+
+def build_backbone(name: str, in_channels: int, num_outputs: int = 1, width: float = 1.0,
+                   weights: str | None = None) -> nn.Module:
+    """The backbone called ``name`` (one of BACKBONES)."""
+    if name == "cnn":
+        if weights is not None:
+            raise ValueError("--weights applies to resnet18 only")
+        return LLPGANCNN(in_channels, num_outputs, width)
+    if name == "resnet18":
+        return ResNet18(in_channels, num_outputs, weights)
+    raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
