@@ -9,6 +9,10 @@
 Each records the logits it computes during the epoch, and reports the mean
 training-bag log-likelihood L of those logits so all methods log the same
 quantity (at the cost of one posterior call, a few milliseconds).
+
+Under torchrun they take their minibatches from the trainer's helpers (the
+same number on every rank), average gradients over the ranks before every
+step, and report losses and L averaged over all ranks (see distributed.py).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .batches import bag_batches, instance_batches
+from . import distributed
 from .em import e_step, m_step
 from .ops import bag_log_likelihood
 
@@ -32,8 +36,11 @@ class _Baseline:
         pass
 
     def _result(self, trainer, loss, recorded, t0):
+        """The epoch's stats from `loss`, the mean training loss over all ranks
+        (trainer.instance_mean), and the logits recorded for this rank's instances."""
         bags = trainer.train_bags
         _, L = e_step(recorded, bags.offsets, bags.counts)
+        L = distributed.bag_mean(trainer, L, bags.counts.numel())
         return {"train_loss": loss, "L": L, "m_step_seconds": time.perf_counter() - t0,
                 "e_step_seconds": None, "inference_seconds": None}
 
@@ -63,17 +70,18 @@ class _BagMethod(_Baseline):
         model.train()
         recorded = torch.empty(bags.index.numel())
         total, seen = 0.0, 0
-        batches = bag_batches(bags.offsets, bags.counts, trainer.cfg.batch_size, trainer.generator)
+        batches = distributed.bag_batches(trainer)
         for batch in trainer.progress(batches, self.name):
             logits = model(trainer.preprocess(bags.index[batch.positions], train=True)).float()
             loss = self.bag_loss(logits, batch)
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.sync_gradients(trainer)
             trainer.optimizer.step()
             recorded[batch.positions] = logits.detach().cpu()
             total += loss.item() * batch.counts.numel()
             seen += batch.counts.numel()
-        return self._result(trainer, total / max(seen, 1), recorded, t0)
+        return self._result(trainer, distributed.instance_mean(trainer, total, seen), recorded, t0)
 
 
 class DLLP(_BagMethod):

@@ -4,7 +4,10 @@
     mlellp evaluate --model runs/digits-mle/model.pt
     mlellp predict --model runs/digits-mle/model.pt --out predictions.csv
 
-Also ``python -m mlellp_ext ...``.
+Also ``python -m mlellp_ext ...``. On several GPUs or machines, the same train
+command under torchrun (data-parallel, see mlellp_ext/distributed.py):
+
+    torchrun --nproc-per-node 4 -m mlellp_ext train --dataset digits --out runs/digits-mle
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import sys
 
 from .em import ESTEP_MODES
@@ -48,23 +52,26 @@ def build_parser():
 
     t = sub.add_parser("train", help="train an instance classifier from bag counts")
     _add_data_options(t, defaults=True)
-    t.add_argument("--method", choices=("mle", "mle-direct", "dllp", "supervised"), default="mle",
+    t.add_argument("--method", choices=("mle", "mle-direct", "dllp", "supervised", "llpgan"), default="mle",
                    help="mle: EM (default); mle-direct: -log P(y|X) by gradient descent; dllp: bag-proportion "
-                        "loss; supervised: instance labels (upper bound)")
+                        "loss; supervised: instance labels (upper bound); llpgan: LLP-GAN")
     t.add_argument("--backbone", choices=BACKBONES, default="cnn")
     t.add_argument("--width", type=float, default=1.0, help="channel multiplier of the cnn backbone")
     t.add_argument("--weights", default=None, help="local resnet18 weights (state_dict) to start from")
     t.add_argument("--epochs", type=int, default=30, help="epoch limit (EM may stop earlier)")
-    t.add_argument("--batch-size", type=int, default=64, help="instances per minibatch")
+    t.add_argument("--batch-size", type=int, default=64,
+                   help="instances per minibatch (under torchrun: in all; each of K processes takes "
+                        "batch-size/K, rounded up)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--estep", choices=ESTEP_MODES, default="fresh",
                    help="E-step logits: fresh inference pass (exact EM) or recorded during the M-step")
     t.add_argument("--tol", type=float, default=1e-4, help="EM stops when |change of mean bag log-likelihood| < tol")
     t.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/blur/colour jitter")
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (under torchrun: with the same number of processes)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
     for name, helptext in (("evaluate", "print test metrics of a trained model as JSON"),
@@ -78,7 +85,17 @@ def build_parser():
         if name == "predict":
             p.add_argument("--out", required=True,
                            help="instance CSV; per-bag expected counts go to the same name with _bags before .csv")
+    r = sub.add_parser("reproduce", help="the seed paper's CIFAR-10 experiments (curves, bags, timing)")
+    from .reproduce import add_arguments
+
+    add_arguments(r)
     return parser
+
+
+def _reproduce(args):
+    from .reproduce import run
+
+    run(args)
 
 
 def _train(args):
@@ -86,7 +103,12 @@ def _train(args):
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        from .distributed import shutdown
+
+        shutdown()  # the process group, under torchrun
 
 
 def _model_and_bags(args):
@@ -158,11 +180,14 @@ def _predict(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from .data import DataError
+    from .distributed import DistributedError
 
     try:
-        {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
-    except (DataError, FileNotFoundError) as e:
-        print(f"mlellp {args.command}: error: {e}", file=sys.stderr)
+        {"train": _train, "evaluate": _evaluate, "predict": _predict,
+         "reproduce": _reproduce}[args.command](args)
+    except (DataError, FileNotFoundError, DistributedError) as e:
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every rank fails alike: rank 0 tells
+            print(f"mlellp {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,6 +10,10 @@ exact EM, network in eval mode, no augmentation) or from the logits recorded
 during the M-step epoch (``recorded``: no extra pass, logits from a network
 that changed during the epoch and saw augmented inputs).
 Training stops once |L - L_previous| < tol.
+
+Under torchrun each rank runs both steps on its own shard of the bags, with
+gradients averaged over the ranks at every M-step minibatch, and L is the mean
+over all ranks' bags, so every rank takes the same decision to stop.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .batches import infer_logits, instance_batches
+from . import distributed
+from .batches import infer_logits
 from .ops import posterior
 
 ESTEP_MODES = ("fresh", "recorded")
@@ -32,22 +37,23 @@ def e_step(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor):
 
 def m_step(trainer, targets: torch.Tensor):
     """One epoch of BCE against `targets` over shuffled instance minibatches.
-    Returns (mean loss, logits recorded for every training instance)."""
+    Returns (mean loss over all ranks, logits recorded for every training instance
+    of this rank)."""
     model, bags = trainer.model, trainer.train_bags
     model.train()
     recorded = torch.empty(bags.index.numel())
     total, seen = 0.0, 0
-    for pos in trainer.progress(instance_batches(bags.index.numel(), trainer.cfg.batch_size, trainer.generator),
-                                "M-step"):
+    for pos in trainer.progress(distributed.instance_batches(trainer), "M-step"):
         logits = model(trainer.preprocess(bags.index[pos], train=True))
         loss = F.binary_cross_entropy_with_logits(logits.float(), targets[pos].to(logits.device))
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sync_gradients(trainer)
         trainer.optimizer.step()
         recorded[pos] = logits.detach().float().cpu()
         total += loss.item() * pos.numel()
         seen += pos.numel()
-    return total / max(seen, 1), recorded
+    return distributed.instance_mean(trainer, total, seen), recorded
 
 
 class EM:
@@ -75,6 +81,7 @@ class EM:
             if self.estep == "fresh" else recorded
         t2 = time.perf_counter()
         self.phi, L = e_step(logits, bags.offsets, bags.counts)
+        L = distributed.bag_mean(trainer, L, bags.counts.numel())  # over all ranks' bags
         t3 = time.perf_counter()
         self.converged = self.last_L is not None and abs(L - self.last_L) < self.tol
         self.last_L = L

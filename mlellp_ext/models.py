@@ -80,9 +80,37 @@ class ResNet18(nn.Module):
         return out.squeeze(1) if self.num_outputs == 1 else out
 
 
+class TwoClassLogit(nn.Module):
+    """A K = 2 class network (e.g. LLP-GAN's discriminator, whose fake class is an
+    implicit logit fixed at 0) seen as a binary classifier: forward gives
+    z_1 - z_0, so sigmoid(forward) = P(class 1 | real) and thresholding it at
+    0.5 is the argmax over the two real classes."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return z[:, 1] - z[:, 0]
+
+
 def build_backbone(name: str, in_channels: int, num_outputs: int = 1, width: float = 1.0,
                    weights: str | None = None) -> nn.Module:
-    """The backbone called ``name`` (one of BACKBONES)."""
+    """The backbone called ``name`` (one of BACKBONES). num_outputs=2 gives a
+    TwoClassLogit (still one logit per instance from forward)."""
+    if num_outputs == 2:
+        return TwoClassLogit(_raw_backbone(name, in_channels, 2, width, weights))
+    return _raw_backbone(name, in_channels, num_outputs, width, weights)
+
+
+def _raw_backbone(name, in_channels, num_outputs, width, weights):
     if name == "cnn":
         if weights is not None:
             raise ValueError("--weights applies to resnet18 only")

@@ -4,6 +4,9 @@ A method (em.EM, baselines.*) implements ``epoch(trainer) -> dict`` and holds
 its own state; this module runs epochs, evaluates on the test bags, writes
 ``metrics.csv``, ``checkpoint.pt`` (atomically, every epoch), ``model.pt``,
 ``config.json`` and ``curves.png``, and resumes from a checkpoint.
+
+Under ``torchrun`` (WORLD_SIZE > 1) each process trains on its shard of the
+training bags and the files are written by rank 0 only; see distributed.py.
 """
 from __future__ import annotations
 
@@ -18,11 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .batches import Preprocess, infer_logits
-from .data import BagDataset, load_dataset, parse_bag_size
+from .data import BagDataset, load_dataset, parse_bag_size, subset_bags
 from .models import build_backbone
 
-METHODS = ("mle", "mle-direct", "dllp", "supervised")
+METHODS = ("mle", "mle-direct", "dllp", "supervised", "llpgan")
+
+
+def num_outputs(method: str) -> int:
+    """LLP-GAN's discriminator has K = 2 real-class logits; every other method one."""
+    return 2 if method == "llpgan" else 1
 METRIC_COLUMNS = ("epoch", "train_loss", "L", "e_step_seconds", "inference_seconds", "m_step_seconds",
                   "epoch_seconds", "test_accuracy", "test_auc", "test_bag_mae", "test_L")
 
@@ -77,9 +86,14 @@ def load_data(cfg) -> BagDataset:
 def bag_metrics(model, preprocess, data, bags, batch_size) -> dict:
     """Instance accuracy and AUC (when labels are known), bag-count MAE and mean bag
     log-likelihood on `bags`, from one inference pass."""
+    logits = infer_logits(model, preprocess, bags.index, batch_size)
+    return metrics_from_logits(logits, data, bags)
+
+
+def metrics_from_logits(logits, data, bags) -> dict:
+    """bag_metrics() from the logits of the instances ``bags.index``."""
     from .ops import posterior
 
-    logits = infer_logits(model, preprocess, bags.index, batch_size)
     prob = torch.sigmoid(logits)
     sizes = bags.offsets[1:] - bags.offsets[:-1]
     bag = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
@@ -112,24 +126,53 @@ def auc(score: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class Trainer:
-    """What a method's epoch needs: model, optimiser, data, preprocessing, RNG, progress."""
+    """What a method's epoch needs: model, optimiser, data, preprocessing, RNG, progress,
+    and the data-parallel helpers (instance_batches, bag_batches, sync_gradients,
+    bag_mean, instance_mean), which are plain single-process code without torchrun."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, world: distributed.World | None = None):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.world = world or distributed.World()
+        self.device = self.world.device if self.world.distributed else resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.dataset = load_data(cfg)
         self.data, self.train_bags, self.test_bags = self.dataset.data, self.dataset.train, self.dataset.test
         if self.train_bags.offsets.numel() < 2:
             raise ValueError("no training bags: check --num-bags, --bag-size and --test-fraction")
+        if self.world.distributed:
+            self._shard()
         in_channels = self.data.x.shape[1]
-        self.model = build_backbone(cfg.backbone, in_channels, 1, cfg.width, cfg.weights).to(self.device)
+        self.model = build_backbone(cfg.backbone, in_channels, num_outputs(cfg.method), cfg.width,
+                                    cfg.weights).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.preprocess = Preprocess(self.data.x, self.data.is_rgb, cfg.augment, self.device)
         # Shuffling has its own generator; augmentation and dropout use the global RNG.
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.method = make_method(cfg, self)
-        self.interactive = sys.stderr.isatty() and not cfg.quiet
+        if self.world.distributed:
+            # Every rank built the same networks from cfg.seed (rank 0's are broadcast all the
+            # same, as DistributedDataParallel does); from here on each rank draws its own
+            # dropout masks, augmentations and shuffles.
+            distributed.broadcast_module(self.world, self.model)
+            rank_seed = cfg.seed + 7919 * (self.world.rank + 1)
+            torch.manual_seed(rank_seed)
+            self.generator.manual_seed(rank_seed + 1)
+        self.interactive = sys.stderr.isatty() and not cfg.quiet and self.world.is_main
+
+    def _shard(self):
+        """Keep this rank's shard of the training bags (whole bags, balanced by instance
+        count) in train_bags; shard the test bags for evaluation likewise."""
+        world = self.world
+        parts = distributed.shard_assignment(self.train_bags, world.size)
+        if any(p.numel() == 0 for p in parts):
+            raise distributed.DistributedError(
+                f"{self.train_bags.counts.numel()} training bags cannot be shared by {world.size} processes; "
+                f"start fewer processes or use more bags")
+        self.train_bags = subset_bags(self.train_bags, parts[world.rank])
+        test_parts = distributed.shard_assignment(self.test_bags, world.size)
+        self.test_shard = subset_bags(self.test_bags, test_parts[world.rank])
+        # The test bags in rank order: the concatenation of the ranks' test shards.
+        self.test_gathered = subset_bags(self.test_bags, torch.cat(test_parts))
 
     def progress(self, iterable, desc):
         if not self.interactive:
@@ -138,24 +181,120 @@ class Trainer:
 
         return tqdm(iterable, desc=desc, leave=False, unit="batch")
 
+    # ---- data-parallel helpers (see distributed.py); single process: the plain computation
+    def instance_batches(self, num=None):
+        """Shuffled minibatches of positions into train_bags.index, the same number on every rank."""
+        return distributed.instance_batches(self, num)
+
+    def bag_batches(self, bags=None):
+        """Shuffled minibatches of whole training bags, the same number on every rank."""
+        return distributed.bag_batches(self, bags)
+
+    def sync_gradients(self, *modules):
+        """Average the gradients of `modules` (default: the model) over the ranks; call
+        it between backward() and optimizer.step()."""
+        distributed.sync_gradients(self, *modules)
+
+    def bag_mean(self, mean, num_bags):
+        """Mean over all ranks' bags, from this rank's mean over its num_bags bags."""
+        return distributed.bag_mean(self, mean, num_bags)
+
+    def instance_mean(self, total, seen):
+        """sum of total / sum of seen over the ranks."""
+        return distributed.instance_mean(self, total, seen)
+
+    def test_metrics(self) -> dict:
+        """bag_metrics() on the test bags; under torchrun each rank infers its test shard
+        and every rank computes the metrics of all of them (the same on every rank)."""
+        if not self.world.distributed:
+            test, _, _ = bag_metrics(self.model, self.preprocess, self.data, self.test_bags, self.cfg.batch_size)
+            return test
+        logits = infer_logits(self.model, self.preprocess, self.test_shard.index, self.cfg.batch_size)
+        parts = distributed.all_gather_objects(self.world, logits)
+        test, _, _ = metrics_from_logits(torch.cat(parts), self.data, self.test_gathered)
+        return test
+
     # ---- checkpoints
     def checkpoint_state(self, epoch, history):
-        state = {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "method": self.method.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "generator": self.generator.get_state(), "history": history,
-                 "config": dataclasses.asdict(self.cfg)}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        """The checkpoint. Under torchrun this is a collective (call it on every rank):
+        rank 0 gets the state, with every rank's method state and RNG states under
+        "ranks", the other ranks None."""
+        if not self.world.distributed:
+            state = {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "method": self.method.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "generator": self.generator.get_state(), "history": history,
+                     "config": dataclasses.asdict(self.cfg)}
+            if torch.cuda.is_available():
+                state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            return state
+        mine = {"method": _to_cpu(self.method.state_dict()), "torch_rng": torch.get_rng_state(),
+                "generator": self.generator.get_state(), "history": history,
+                "bag_ids": list(self.train_bags.bag_ids)}
+        if self.device.type == "cuda":
+            mine["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        ranks = distributed.gather_to_main(self.world, mine)
+        if not self.world.is_main:
+            return None
+        # Model and optimiser are identical on every rank (checked every epoch): rank 0's.
+        return {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "history": history, "config": dataclasses.asdict(self.cfg), "world_size": self.world.size,
+                "ranks": ranks}
+
+    def load_checkpoint(self, path):
+        """The checkpoint at `path` (under torchrun rank 0 reads it and sends it to every rank)."""
+        if not self.world.distributed:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+            return torch.load(path, map_location="cpu", weights_only=True)
+        state = None
+        if self.world.is_main:
+            state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+        state = distributed.broadcast_from_main(self.world, state)
+        if state is None:
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         return state
 
     def restore(self, state):
+        """Load a checkpoint; returns the history of the epochs it holds."""
+        saved = int(state.get("world_size", 1))
+        if saved != self.world.size:
+            raise distributed.DistributedError(
+                f"--resume: the checkpoint was written by {saved} process{'es' if saved > 1 else ''} and this "
+                f"run has {self.world.size}; resume with the same number of processes "
+                f"({'a plain run, without torchrun' if saved == 1 else f'torchrun with {saved} processes in all'})")
+        if not self.world.distributed:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.method.load_state_dict(state["method"])
+            torch.set_rng_state(state["torch_rng"])
+            self.generator.set_state(state["generator"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            return list(state["history"])
+        mine = state["ranks"][self.world.rank]
+        if list(mine["bag_ids"]) != list(self.train_bags.bag_ids):
+            raise distributed.DistributedError(
+                f"--resume: rank {self.world.rank}'s training bags differ from the checkpoint's; "
+                f"resume with the same data options and seed")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
-        torch.set_rng_state(state["torch_rng"])
-        self.generator.set_state(state["generator"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.method.load_state_dict(mine["method"])
+        torch.set_rng_state(mine["torch_rng"])
+        self.generator.set_state(mine["generator"])
+        if "cuda_rng" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        return list(mine["history"])
+
+
+def _to_cpu(obj):
+    """`obj` with every tensor in it moved to the CPU (dicts, lists and tuples walked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def make_method(cfg, trainer):
@@ -170,6 +309,10 @@ def make_method(cfg, trainer):
         return DLLP(trainer)
     if cfg.method == "supervised":
         return Supervised(trainer)
+    if cfg.method == "llpgan":
+        from .llpgan import LLPGAN
+
+        return LLPGAN(trainer)
     raise ValueError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -218,24 +361,36 @@ def model_payload(trainer):
 
 def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
     """Train per `cfg`; returns the per-epoch metrics. `stop_after_epochs` ends the
-    run early after that many epochs in total, as an interruption would (for tests)."""
-    os.makedirs(cfg.out, exist_ok=True)
-    trainer = Trainer(cfg)
+    run early after that many epochs in total, as an interruption would (for tests).
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: it joins the process
+    group (created here unless one exists; distributed.shutdown() destroys it),
+    trains on its shard of the bags, and only rank 0 writes files and shows progress."""
+    world = distributed.setup(cfg.device)
+    main = world.is_main
+    if main:
+        os.makedirs(cfg.out, exist_ok=True)
+    trainer = Trainer(cfg, world)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     history, start = [], 0
     if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        trainer.restore(state)
-        history, start = list(state["history"]), int(state["epoch"]) + 1
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+        state = trainer.load_checkpoint(ckpt_path)
+        history, start = trainer.restore(state), int(state["epoch"]) + 1
+        del state
+    if world.distributed:
+        write_shards(trainer)
+    if main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
 
-    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    say(f"{cfg.method}: {trainer.train_bags.counts.numel()} train bags "
-        f"({trainer.train_bags.index.numel()} instances), {trainer.test_bags.counts.numel()} test bags; "
-        f"{cfg.backbone} on {trainer.device}")
+    say = (lambda *a: None) if cfg.quiet or not main else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    train_bags = trainer.dataset.train  # all of them (trainer.train_bags is this rank's shard)
+    where = f"{trainer.device}" if not world.distributed else \
+        f"{world.size} processes ({world.backend}, {trainer.device.type}), " \
+        f"{distributed.per_rank_batch_size(cfg.batch_size, world)} instances per minibatch each"
+    say(f"{cfg.method}: {train_bags.counts.numel()} train bags "
+        f"({train_bags.index.numel()} instances), {trainer.test_bags.counts.numel()} test bags; "
+        f"{cfg.backbone} on {where}")
     epochs = range(start, cfg.epochs)
     bar = None
     if trainer.interactive:
@@ -248,12 +403,18 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
         t0 = time.perf_counter()
         stats = trainer.method.epoch(trainer)
         seconds = time.perf_counter() - t0
-        test, _, _ = bag_metrics(trainer.model, trainer.preprocess, trainer.data, trainer.test_bags, cfg.batch_size)
+        if world.distributed:
+            check_ranks_agree(trainer, stats, epoch)
+        test = trainer.test_metrics()
         row = {"epoch": epoch + 1, **stats, "epoch_seconds": seconds, "test_accuracy": test["accuracy"],
                "test_auc": test["auc"], "test_bag_mae": test["bag_mae"], "test_L": test["L"]}
         history.append(row)
-        write_metrics(os.path.join(cfg.out, "metrics.csv"), history)
-        atomic_save(trainer.checkpoint_state(epoch, history), ckpt_path)
+        if main:
+            write_metrics(os.path.join(cfg.out, "metrics.csv"), history)
+        state = trainer.checkpoint_state(epoch, history)
+        if main:
+            atomic_save(state, ckpt_path)
+        del state
         line = (f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f}  L {stats['L']:.4f}  "
                 f"test acc {test['accuracy']:.4f}  auc {test['auc']:.4f}  bag MAE {test['bag_mae']:.3f}  "
                 f"({seconds:.1f}s)")
@@ -263,15 +424,49 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
         else:
             say(line)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
+            distributed.barrier(world)
             return history
     if bar is not None:
         bar.close()
-    atomic_save(model_payload(trainer), os.path.join(cfg.out, "model.pt"))
-    plot_curves(os.path.join(cfg.out, "curves.png"), history, f"{cfg.method} on {cfg.dataset}")
+    if main:
+        atomic_save(model_payload(trainer), os.path.join(cfg.out, "model.pt"))
+        plot_curves(os.path.join(cfg.out, "curves.png"), history, f"{cfg.method} on {cfg.dataset}")
     if trainer.method.converged:
         say(f"converged: |dL| < {cfg.tol} after {len(history)} epochs")
     say(summary_table([(cfg.method, history)]))
+    distributed.barrier(world)  # leave together: no rank tears down while rank 0 still writes
     return history
+
+
+def check_ranks_agree(trainer, stats, epoch) -> None:
+    """Under torchrun: raise DistributedError unless every rank has the same model
+    parameters, L, training loss and stopping decision after this epoch."""
+    world = trainer.world
+    what = f"epoch {epoch + 1} of --method {trainer.cfg.method}"
+    distributed.check_in_sync(world, trainer.model, what)
+    mine = (stats.get("L"), stats.get("train_loss"), bool(trainer.method.converged))
+    seen = distributed.all_gather_objects(world, mine)
+    same = lambda a, b: a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # noqa: E731
+    if not all(all(same(x, y) for x, y in zip(other, mine)) for other in seen):
+        raise distributed.DistributedError(
+            f"{what}: the ranks disagree on (L, train_loss, converged): {seen}. A method must report means over "
+            f"all ranks (trainer.bag_mean / trainer.instance_mean) and decide to stop from them")
+
+
+def write_shards(trainer) -> None:
+    """Rank 0 writes OUT/shards.json: each rank's training and test bag ids (a collective)."""
+    world = trainer.world
+    mine = {"rank": world.rank, "train_bags": list(trainer.train_bags.bag_ids),
+            "train_instances": int(trainer.train_bags.index.numel()),
+            "test_bags": list(trainer.test_shard.bag_ids)}
+    ranks = distributed.gather_to_main(world, mine)
+    if world.is_main:
+        path = os.path.join(trainer.cfg.out, "shards.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"world_size": world.size, "batch_size": trainer.cfg.batch_size,
+                       "per_rank_batch_size": distributed.per_rank_batch_size(trainer.cfg.batch_size, world),
+                       "ranks": ranks}, f)
+        os.replace(path + ".tmp", path)
 
 
 def summary_table(runs) -> str:
@@ -289,7 +484,7 @@ def load_model(path: str, device: str = "auto"):
     """(model in eval mode, payload) from a model.pt written by train()."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     cfg = payload["config"]
-    model = build_backbone(cfg["backbone"], payload["in_channels"], 1, cfg["width"], None)
+    model = build_backbone(cfg["backbone"], payload["in_channels"], num_outputs(cfg["method"]), cfg["width"], None)
     model.load_state_dict(payload["state_dict"])
     model.to(resolve_device(device)).eval()
     return model, payload

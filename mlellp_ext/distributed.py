@@ -1,0 +1,443 @@
+"""Multi-process data-parallel training under ``torchrun`` (torch.distributed).
+
+``torchrun --nproc-per-node K -m mlellp_ext train ...`` starts K processes
+(ranks). Each one
+
+* holds a shard of the training bags: whole bags, never split, balanced by
+  instance count (:func:`shard_assignment`, the same on every rank);
+* trains the same model on minibatches of its own shard of
+  ``ceil(batch_size / K)`` instances (the global minibatch is ``batch_size``),
+  averaging gradients over the ranks before every optimiser step and using
+  rank 0's buffers, as ``DistributedDataParallel`` does (:func:`sync_gradients`);
+* runs every epoch the same number of optimiser steps as the other ranks (a
+  rank with fewer batches repeats some, freshly shuffled), so no collective
+  waits for a rank that has already finished;
+* computes its E-step on its own bags; the log-likelihood L, the training loss
+  and the test metrics are reduced over all ranks, so they, and the stopping
+  rule, are the same on every rank.
+
+Backend ``nccl`` when training on GPUs (device ``cuda:LOCAL_RANK``), ``gloo``
+on CPU; small objects and scalars always travel through a gloo group on the
+CPU. Without torchrun (``WORLD_SIZE`` unset or 1) nothing here creates a
+process group and every helper returns what the single-process code computed.
+
+Gradients are averaged with one ``all_reduce`` of a flat buffer per step
+instead of by wrapping the model in ``nn.parallel.DistributedDataParallel``:
+methods call the network through other entry points than ``forward`` (LLP-GAN's
+``class_logits`` and ``features``, which DDP's hooks would not see), train
+several networks with several backward passes per step, and run inference on
+shards of different sizes, where DDP's per-forward buffer broadcast would
+wait forever. The arithmetic is DDP's: the mean of the ranks' gradients.
+
+A training method is data-parallel correct when it
+
+1. iterates over :func:`instance_batches` / :func:`bag_batches` (or the
+   ``Trainer`` methods of the same names) instead of building its own batches,
+   so every rank takes the same number of steps;
+2. calls :func:`sync_gradients` (``trainer.sync_gradients(*modules)``) between
+   ``backward()`` and ``optimizer.step()`` for every network it trains;
+3. reports quantities averaged over bags or instances through
+   :func:`bag_mean` / :func:`instance_mean`, so the logs agree across ranks;
+4. keeps per-rank state (e.g. one soft target per instance of its shard) in
+   its ``state_dict()``: the checkpoint stores every rank's ``state_dict()``;
+5. builds any network of its own in ``__init__``: the Trainer creates the
+   method before it gives each rank its own random seed, so such networks
+   start identical on every rank.
+
+The training loop checks after every epoch that the model's parameters are
+still identical on all ranks, and stops with an error naming the fix if not.
+"""
+from __future__ import annotations
+
+import atexit
+import datetime
+import heapq
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import batches as _batches
+
+__all__ = [
+    "DistributedError",
+    "World",
+    "bag_batches",
+    "bag_mean",
+    "instance_batches",
+    "instance_mean",
+    "per_rank_batch_size",
+    "setup",
+    "shard_assignment",
+    "shutdown",
+    "sync_gradients",
+]
+
+
+class DistributedError(RuntimeError):
+    """A problem with a multi-process run (launch, world size, resume)."""
+
+
+@dataclass
+class World:
+    """This process's place among the ranks; ``World()`` is a single process."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: torch.device | None = None  # set for multi-process runs only
+    cpu_group: object = None  # gloo group for objects and scalars (None: the default group)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World()
+_CPU_GROUP = None  # the gloo group beside an nccl default group (created once, on every rank)
+_CREATED = False  # whether setup() created the default process group (shutdown() destroys it)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE as set by torchrun (1 when not launched by it)."""
+    return max(_env_int("WORLD_SIZE", 1), 1)
+
+
+def setup(device_name: str) -> World:
+    """The World of this process. Under torchrun (WORLD_SIZE > 1) initialises the
+    default process group (nccl on GPUs, gloo on CPU) unless one exists already,
+    and picks the device cuda:LOCAL_RANK or cpu; otherwise returns a single-process
+    World and creates nothing.
+
+    The group stays for later calls (re-creating a destroyed default group under
+    torchrun's store can hang); shutdown() destroys it: ``mlellp train`` calls it
+    at the end, and it is registered with atexit for callers of train()."""
+    size = launched_world_size()
+    if size <= 1:
+        return World()
+    import torch.distributed as dist
+
+    from .train import resolve_device
+
+    if not dist.is_available():
+        raise DistributedError(f"WORLD_SIZE={size} but this torch build has no torch.distributed")
+    rank, local_rank = _env_int("RANK", -1), _env_int("LOCAL_RANK", -1)
+    if not 0 <= rank < size or local_rank < 0:
+        raise DistributedError(f"WORLD_SIZE={size} needs RANK in [0, {size}) and LOCAL_RANK >= 0 "
+                               f"(got RANK={os.environ.get('RANK')!r}, LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}); "
+                               f"launch with torchrun")
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if device.index is not None:
+            raise DistributedError(f"--device {device_name}: under torchrun each process uses cuda:LOCAL_RANK; "
+                                   f"pass --device cuda or auto (choose GPUs with CUDA_VISIBLE_DEVICES)")
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+                                   f"visible; start at most that many processes per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    global _CREATED, _CPU_GROUP
+    if not dist.is_initialized():
+        # torch._dynamo, imported lazily by the first optimizer otherwise, keeps references to
+        # a process group that exists when it is imported: destroy_process_group() could not
+        # free it, and its gloo threads, torn down at interpreter exit, abort now and then.
+        import torch._dynamo  # noqa: F401
+
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        if not _CREATED:
+            atexit.register(shutdown)
+        _CREATED = True
+    if dist.get_world_size() != size or dist.get_rank() != rank:
+        raise DistributedError(f"the process group has world size {dist.get_world_size()} and rank "
+                               f"{dist.get_rank()}, the environment says {size} and {rank}")
+    backend = dist.get_backend()
+    cpu_group = None
+    if backend != "gloo":
+        # Objects and scalars live on the CPU: give them a gloo group.
+        if _CPU_GROUP is None:
+            _CPU_GROUP = dist.new_group(backend="gloo")
+        cpu_group = _CPU_GROUP
+    return World(rank=rank, size=size, local_rank=local_rank, backend=backend, device=device,
+                 cpu_group=cpu_group)
+
+
+def shutdown() -> None:
+    """Destroy the default process group if setup() created it (no-op otherwise)."""
+    global _CREATED, _CPU_GROUP
+    if not _CREATED:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CREATED, _CPU_GROUP = False, None
+
+
+def world_of(trainer) -> World:
+    """The trainer's World (a single process for objects without one, e.g. test doubles)."""
+    return getattr(trainer, "world", None) or SINGLE
+
+
+# ---------------------------------------------------------------------------
+# Sharding
+
+
+def shard_assignment(bags, size: int) -> list[torch.Tensor]:
+    """Bag numbers (int64, ascending) of each of `size` ranks: whole bags, every
+    bag exactly once, balanced by instance count (largest bags first, each to
+    the rank with the fewest instances so far, then fewest bags, then lowest
+    rank). Deterministic: the same on every rank and every run."""
+    sizes = (bags.offsets[1:] - bags.offsets[:-1]).tolist()
+    order = sorted(range(len(sizes)), key=lambda b: (-sizes[b], b))
+    heap = [(0, 0, r) for r in range(size)]
+    parts: list[list[int]] = [[] for _ in range(size)]
+    for b in order:
+        load, nbags, r = heapq.heappop(heap)
+        parts[r].append(b)
+        heapq.heappush(heap, (load + sizes[b], nbags + 1, r))
+    return [torch.tensor(sorted(p), dtype=torch.int64) for p in parts]
+
+
+# ---------------------------------------------------------------------------
+# Collectives (all no-ops for a single process)
+
+
+def _group(world: World):
+    return world.cpu_group
+
+
+def all_sum(world: World, values) -> list[float]:
+    """Element-wise float64 sums of `values` over the ranks (the same on every rank)."""
+    values = [float(v) for v in values]
+    if not world.distributed:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=_group(world))
+    return t.tolist()
+
+
+def all_max(world: World, value: int) -> int:
+    if not world.distributed:
+        return int(value)
+    import torch.distributed as dist
+
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group(world))
+    return int(t)
+
+
+def all_gather_objects(world: World, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world.size
+    dist.all_gather_object(out, obj, group=_group(world))
+    return out
+
+
+def gather_to_main(world: World, obj):
+    """Every rank's `obj` in rank order on rank 0; None on the other ranks."""
+    if not world.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0, group=_group(world))
+    return out
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank gets here."""
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.barrier(group=_group(world))
+
+
+def broadcast_from_main(world: World, obj):
+    """Rank 0's `obj` on every rank."""
+    if not world.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if world.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=_group(world))
+    return box[0]
+
+
+def bag_mean(trainer, mean: float, num_bags: int) -> float:
+    """The mean over all ranks' bags of a per-bag quantity whose mean over this
+    rank's `num_bags` bags is `mean` (returned unchanged for a single process)."""
+    world = world_of(trainer)
+    if not world.distributed:
+        return mean
+    total, count = all_sum(world, [mean * num_bags, num_bags])
+    return total / count if count else 0.0
+
+
+def instance_mean(trainer, total: float, seen: int) -> float:
+    """sum over ranks of `total` / sum over ranks of `seen` (for one process:
+    ``total / max(seen, 1)``, as before)."""
+    world = world_of(trainer)
+    if not world.distributed:
+        return total / max(seen, 1)
+    total, seen = all_sum(world, [total, seen])
+    return total / max(seen, 1)
+
+
+# ---------------------------------------------------------------------------
+# Minibatches: the same number on every rank
+
+
+def per_rank_batch_size(batch_size: int, world: World) -> int:
+    """Instances per minibatch on each rank: batch_size / world size, rounded up,
+    so the global minibatch is (about) batch_size."""
+    return max(1, -(-int(batch_size) // world.size))
+
+
+def _pad_to(batches: list, steps: int, more) -> list:
+    """`batches` extended to `steps` items with batches of fresh shuffles (`more()`)."""
+    while len(batches) < steps:
+        extra = list(more())
+        if not extra:
+            raise DistributedError("a rank has no training instances to fill its minibatches")
+        batches.extend(extra[: steps - len(batches)])
+    return batches
+
+
+def instance_batches(trainer, num: int | None = None):
+    """Shuffled minibatches of positions 0..num-1 (default: this rank's training
+    instances, ``trainer.train_bags.index``). One process: exactly
+    ``batches.instance_batches(num, cfg.batch_size, trainer.generator)``. Several:
+    ``per_rank_batch_size`` positions per batch and the same number of batches
+    on every rank (a short rank repeats batches of a fresh shuffle)."""
+    num = trainer.train_bags.index.numel() if num is None else int(num)
+    world = world_of(trainer)
+    if not world.distributed:
+        return _batches.instance_batches(num, trainer.cfg.batch_size, trainer.generator)
+    size = per_rank_batch_size(trainer.cfg.batch_size, world)
+    out = list(_batches.instance_batches(num, size, trainer.generator))
+    steps = all_max(world, len(out))
+    return _pad_to(out, steps, lambda: _batches.instance_batches(num, size, trainer.generator))
+
+
+def bag_batches(trainer, bags=None):
+    """Shuffled minibatches of whole bags (batches.BagBatch) of this rank's
+    training bags (or `bags`). One process: exactly ``batches.bag_batches(...,
+    cfg.batch_size, trainer.generator)``; several: about ``per_rank_batch_size``
+    instances per batch and the same number of batches on every rank."""
+    bags = trainer.train_bags if bags is None else bags
+    world = world_of(trainer)
+    if not world.distributed:
+        return _batches.bag_batches(bags.offsets, bags.counts, trainer.cfg.batch_size, trainer.generator)
+    size = per_rank_batch_size(trainer.cfg.batch_size, world)
+    out = list(_batches.bag_batches(bags.offsets, bags.counts, size, trainer.generator))
+    steps = all_max(world, len(out))
+    return _pad_to(out, steps, lambda: _batches.bag_batches(bags.offsets, bags.counts, size, trainer.generator))
+
+
+# ---------------------------------------------------------------------------
+# Gradients, buffers and parameters
+
+
+def _tensor_groups(tensors):
+    """Lists of tensors sharing a device and dtype (one flat buffer each)."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
+def sync_gradients(trainer, *modules) -> None:
+    """Average the gradients of `modules` (default: ``trainer.model``) over the
+    ranks, in place, and give every rank rank 0's buffers (e.g. batch-norm
+    statistics), as DistributedDataParallel does. Call it between ``backward()``
+    and ``optimizer.step()``. A parameter without a gradient on every rank keeps
+    ``grad = None``; one with a gradient on some ranks gets the average with
+    zeros for the others. No-op for a single process."""
+    world = world_of(trainer)
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    modules = modules or (trainer.model,)
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for group in _tensor_groups(params):
+        present = torch.tensor([0.0 if p.grad is None else 1.0 for p in group], dtype=group[0].dtype,
+                               device=group[0].device)
+        flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in group]
+                         + [present])
+        dist.all_reduce(flat)
+        flat /= world.size
+        offset = 0
+        n_present = flat[-len(group):].tolist()  # one device-to-host copy per step
+        for i, p in enumerate(group):
+            n = p.numel()
+            if n_present[i] > 0:
+                g = flat[offset:offset + n].view_as(p)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            offset += n
+    _broadcast_tensors(world, [b for m in modules for b in m.buffers()])
+
+
+def _broadcast_tensors(world: World, tensors) -> None:
+    import torch.distributed as dist
+
+    for group in _tensor_groups(list(tensors)):
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def broadcast_module(world: World, module) -> None:
+    """Give every rank rank 0's parameters and buffers (done once at the start,
+    as DistributedDataParallel does)."""
+    if world.distributed:
+        _broadcast_tensors(world, list(module.parameters()) + list(module.buffers()))
+
+
+def check_in_sync(world: World, module, what: str) -> None:
+    """Raise DistributedError unless `module`'s parameters are identical on every rank."""
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        fp = torch.stack([p.detach().double().sum() for p in module.parameters()]).cpu()
+    hi, lo = fp.clone(), fp.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=_group(world))
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=_group(world))
+    if not torch.equal(hi, lo):
+        raise DistributedError(
+            f"{what}: the model's parameters differ between ranks. A method's training loop must take its "
+            f"minibatches from trainer.instance_batches()/bag_batches() and call trainer.sync_gradients() "
+            f"between backward() and optimizer.step() (see mlellp_ext/distributed.py)")

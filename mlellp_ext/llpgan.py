@@ -1,0 +1,117 @@
+"""LLP-GAN (Liu et al., NeurIPS 2019), the GAN baseline for learning from label proportions.
+
+Discriminator: the ``cnn`` backbone with K = 2 real-class logits l_1, l_2 and
+the fake class as an implicit logit fixed at 0 (Salimans et al. 2016), so
+P(fake | x) = 1 / (1 + exp(l_1) + exp(l_2)). Its loss on a minibatch of whole
+real bags and as many generated images:
+  * bag-proportion cross-entropy between y/n and the bag mean of the
+    real-class softmax (as DLLP);
+  * real/fake terms: -log(1 - P(fake | real)) - log P(fake | G(noise)).
+Generator (LLP-GAN's CIFAR-10 generator): noise -> linear 4x4x512, batch norm,
+ReLU -> three 5x5 transposed convolutions 512 -> 256 -> 128 -> C doubling the
+size each time (to 32x32), batch norm and ReLU between, tanh at the end (the
+data are normalised to [-1, 1]); other image sizes are resized to the data's.
+Its loss is feature matching: squared distance between the mean pooled
+discriminator features of real and generated images.
+Instances are predicted by argmax over the K real classes, i.e. the sign of
+l_2 - l_1 (models.TwoClassLogit).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .baselines import _Baseline
+
+NOISE_DIM = 100
+
+
+class Generator(nn.Module):
+    def __init__(self, out_channels: int = 3, out_size=(32, 32), width: float = 1.0, noise_dim: int = NOISE_DIM):
+        super().__init__()
+        c = lambda n: max(1, int(round(n * width)))  # noqa: E731
+        self.noise_dim, self.out_size, self.c0 = noise_dim, tuple(out_size), c(512)
+        self.fc = nn.Sequential(nn.Linear(noise_dim, 4 * 4 * c(512)), nn.BatchNorm1d(4 * 4 * c(512)), nn.ReLU())
+        up = lambda i, o: nn.ConvTranspose2d(i, o, 5, stride=2, padding=2, output_padding=1)  # noqa: E731
+        self.body = nn.Sequential(
+            up(c(512), c(256)), nn.BatchNorm2d(c(256)), nn.ReLU(),
+            up(c(256), c(128)), nn.BatchNorm2d(c(128)), nn.ReLU(),
+            up(c(128), out_channels), nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.fc(z).view(-1, self.c0, 4, 4))
+        if x.shape[-2:] != self.out_size:
+            x = F.interpolate(x, size=self.out_size, mode="bilinear", align_corners=False)
+        return x
+
+
+def real_fake_terms(class_logits: torch.Tensor):
+    """(log P(real | x), log P(fake | x)) with the fake logit fixed at 0."""
+    lse = torch.logsumexp(class_logits, dim=1)
+    return lse - F.softplus(lse), -F.softplus(lse)
+
+
+class LLPGAN(_Baseline):
+    name = "llpgan"
+
+    def __init__(self, trainer):
+        if trainer.cfg.backbone != "cnn":
+            raise ValueError("--method llpgan uses the cnn backbone (LLP-GAN's discriminator)")
+        x = trainer.data.x
+        self.generator = Generator(x.shape[1], x.shape[-2:], trainer.cfg.width).to(trainer.device)
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=trainer.cfg.lr, betas=(0.5, 0.999))
+
+    def state_dict(self):
+        return {"generator": self.generator.state_dict(), "g_optimizer": self.g_optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.generator.load_state_dict(state["generator"])
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+
+    def epoch(self, trainer):
+        t0 = time.perf_counter()
+        disc, bags, device = trainer.model, trainer.train_bags, trainer.device
+        disc.train()
+        self.generator.train()
+        recorded = torch.empty(bags.index.numel())
+        total, seen = 0.0, 0
+        for batch in trainer.progress(trainer.bag_batches(), self.name):
+            real = trainer.preprocess(bags.index[batch.positions], train=True)
+            noise = torch.randn(real.shape[0], self.generator.noise_dim, device=device)
+
+            # Discriminator: bag proportions + real/fake.
+            logits = disc.class_logits(real)
+            offsets = batch.offsets.to(device)
+            sizes = offsets[1:] - offsets[:-1]
+            bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
+            mean_p = torch.zeros(sizes.numel(), 2, device=device).index_add(0, bag, logits.softmax(1))
+            mean_p = mean_p / sizes[:, None].float()
+            prop = batch.counts.to(device).float() / sizes.float()
+            target = torch.stack([1 - prop, prop], dim=1)
+            loss_prop = -(target * mean_p.clamp_min(1e-7).log()).sum(1).mean()
+            log_real, _ = real_fake_terms(logits)
+            _, log_fake = real_fake_terms(disc.class_logits(self.generator(noise).detach()))
+            loss_d = loss_prop - log_real.mean() - log_fake.mean()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss_d.backward()
+            trainer.sync_gradients()
+            trainer.optimizer.step()
+
+            # Generator: feature matching on the discriminator's pooled features.
+            with torch.no_grad():
+                real_features = disc.features(real).mean(0)
+            fake_features = disc.features(self.generator(noise)).mean(0)
+            loss_g = (real_features - fake_features).pow(2).mean()
+            self.g_optimizer.zero_grad(set_to_none=True)
+            loss_g.backward()
+            trainer.sync_gradients(self.generator)
+            self.g_optimizer.step()
+
+            recorded[batch.positions] = (logits[:, 1] - logits[:, 0]).detach().float().cpu()
+            total += loss_d.item() * batch.counts.numel()
+            seen += batch.counts.numel()
+        return self._result(trainer, trainer.instance_mean(total, seen), recorded, t0)
