@@ -44,6 +44,7 @@ test-cpp: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PY) -m pytest -q bench -p no:cacheprovider --benchmark-json bench/results/posterior_cpu.json
 	$(PY) bench/report.py bench/results/posterior_cpu.json --out bench/results/posterior_cpu.md
+	$(PY) bench/large_bags.py --out bench/results
 
 # For a machine with a GPU and its own torch (no network): see bench/gpu_check.sh.
 gpu-check:

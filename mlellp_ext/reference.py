@@ -78,6 +78,34 @@ def log_pmf_enumerate(logits, offsets):
     return np.array(out)
 
 
+def log_count_pmf_numpy(logits) -> np.ndarray:
+    """log P(S = k), k = 0..n, for one bag: forward log-space DP over all counts, float64 NumPy. O(n^2)."""
+    z = np.asarray(torch.as_tensor(logits).detach().cpu().double())
+    lp, lq = _log_sigmoid_pair(z)
+    row = np.full(len(z) + 1, -np.inf)
+    row[0] = 0.0
+    for i in range(len(z)):
+        shifted = np.concatenate([[-np.inf], row[:-1]])
+        row = np.logaddexp(row + lq[i], shifted + lp[i])
+    return row
+
+
+def posterior_leave_one_out(logits, count: int, instances):
+    """phi_i for the given instances of one bag, from log P(S_{-i} = k) of the bag
+    without instance i: phi_i = p_i P_{-i}(y-1) / (p_i P_{-i}(y-1) + q_i P_{-i}(y)).
+    Also returns log P(S = y). float64 NumPy; O(n^2) per instance."""
+    z = np.asarray(torch.as_tensor(logits).detach().cpu().double())
+    log_lik = float(log_count_pmf_numpy(z)[count])
+    phi = []
+    for i in instances:
+        rest = log_count_pmf_numpy(np.delete(z, i))
+        lp, lq = _log_sigmoid_pair(z[i : i + 1])
+        with_i = lp[0] + (rest[count - 1] if count >= 1 else -np.inf)
+        without = lq[0] + (rest[count] if count <= len(z) - 1 else -np.inf)
+        phi.append(float(np.exp(with_i - np.logaddexp(with_i, without))))
+    return np.array(phi), log_lik
+
+
 def posterior_padded_dp(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor):
     """(phi, log_likelihood) by a padded log-space forward DP in plain PyTorch + autograd.
 

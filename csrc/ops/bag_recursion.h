@@ -17,16 +17,21 @@
 // [ylo, yhi] are kept (the band lo(i)..hi(i)), so a bag costs O(n * W) with
 // W = min(yhi, n - ylo) + 1 <= min(y, n - y) + 1.
 //
-// Two arithmetic paths:
-//  * scaled: plain probabilities, each row rescaled by an exact power of two
-//    (frexp) so its maximum lies in [0.5, 1). Everything is a sum of
-//    non-negative products, so relative error stays O(n eps) *as long as no
-//    entry underflows*. The path verifies that (every kept entry >= kTiny) and
-//    reports failure otherwise. It is ~10x cheaper than log space (no
-//    exp/log per cell), which is why it is tried first.
-//  * log: log-probabilities with log-add-exp per cell. Exact for any logits,
-//    including +-1e4 and +-inf; used when the scaled path reports failure or
-//    the bag holds an infinite logit.
+// Two arithmetic policies run the same skeleton (posterior_recursion):
+//  * ScaledArith: plain probabilities, each row rescaled by an exact power of
+//    two, entries below tiny_value relative to the row maximum flushed to 0.
+//    All terms are non-negative, so the only hazard is what flushing and
+//    underflow drop; the path bounds that by the overlap of forward and
+//    backward rows and reports failure when it cannot vouch for the result.
+//    ~10x cheaper than log space (no exp/log per cell), so it is tried first.
+//    Large bags are exponentially tilted first so that forward and backward
+//    rows peak at the same counts (see tilt_towards).
+//  * LogArith: log-probabilities with log-add-exp per cell. Exact for any
+//    logits, including +-1e4 and +-inf; used when the scaled path reports
+//    failure or the bag holds an infinite logit.
+// Forward rows are checkpointed (memory O((n/s + s) W), s ~ sqrt(n) for large
+// bags), and the skeleton is written for a team of threads (SoloTeam: one
+// thread per bag; a CPU thread team or a CUDA block for wide bags).
 //
 // The target set is given as [ylo, yhi] so that ops conditioning on a set of
 // counts can reuse this file unchanged; the posterior op passes ylo = yhi.
@@ -101,13 +106,6 @@ struct Band {
   MLELLP_HD int64_t width() const { return imin(yhi, n - ylo) + 1; }
 };
 
-// Workspace (in elements of T) that posterior_bag needs for one bag.
-MLELLP_HD int64_t posterior_workspace(int64_t n, int64_t ylo, int64_t yhi) {
-  if (n == 0) return 0;
-  Band band{n, ylo, yhi};
-  int64_t w = band.width();
-  return 2 * n + n * w + 2 * w;  // p and q; forward rows 0..n-1; two rolling backward rows
-}
 
 // Exponent e with x = f * 2^e, f in [0.5, 1), and the exact factor 2^-e, by
 // bit manipulation (frexp/ldexp are library calls on the host and cost ~15%
@@ -147,192 +145,372 @@ template <> MLELLP_HD float min_normal<float>() { return 1.17549435e-38f; }
 template <> MLELLP_HD double min_normal<double>() { return 2.2250738585072014e-308; }
 
 // Rescale row[0..len) by a power of two so its maximum is in [0.5, 1).
-// Returns false if the maximum is zero or subnormal or, after rescaling, an
-// entry is below tiny_value (a possible loss of precision). *exponent += shift.
+// Returns false if the maximum is zero, subnormal or not finite, or (strict)
+// if an entry ends below tiny_value, a possible loss of precision.
+// Non-strict rows flush such entries to zero instead (see ScaledArith).
 template <typename T>
-MLELLP_HD bool normalize_row(T* row, int64_t len, T row_max, int64_t* exponent) {
-  if (!(row_max >= min_normal<T>()) || row_max > T(2)) return false;
+MLELLP_HD bool normalize_row(T* row, int64_t len, T row_max, int64_t* exponent, bool strict) {
+  if (!(row_max >= min_normal<T>()) || is_inf(row_max)) return false;
   int e;
   T scale;
   pow2_normalizer(row_max, &e, &scale);
   const T tiny = tiny_value<T>();
   bool ok = true;
   for (int64_t k = 0; k < len; ++k) {
-    row[k] *= scale;
-    ok &= row[k] >= tiny;
+    const T v = row[k] * scale;
+    ok &= v >= tiny;
+    row[k] = v >= tiny ? v : T(0);  // flushing also avoids slow subnormal arithmetic
   }
   *exponent += e;
+  return ok || !strict;
+}
+
+// ---------------------------------------------------------------------------
+// Arithmetic policies of the recursion skeleton below: the same code runs on
+// probabilities (ScaledArith) and on log-probabilities (LogArith).
+//
+// ScaledArith rescales rows by powers of two and flushes entries below
+// tiny_value (relative to the row maximum) to zero. What flushing or
+// underflow can cost is bounded: an entry error d_j(k) at row j changes
+// P(obs) = sum_k a_j(k) g_j(k) by d_j(k) g_j(k) (the recursion preserves that
+// pairing), so the total relative error is at most
+//   2 n W tiny / min_j overlap_j,  overlap_j = sum_k a_j(k) g_j(k) / (max a_j * max g_j).
+// Each overlap is the `den` of one backward step, so the path checks
+// overlap_j >= overlap_floor = 2 n W tiny / eps and reports failure (the bag
+// then takes LogArith) otherwise. Typical bags pass with a wide margin.
+template <typename T> MLELLP_HD T unit_roundoff();
+template <> MLELLP_HD float unit_roundoff<float>() { return 5.9604645e-8f; }
+template <> MLELLP_HD double unit_roundoff<double>() { return 1.1102230246251565e-16; }
+
+template <typename T>
+struct ScaledArith {
+  const T* p;  // sigmoid(z)
+  const T* q;  // sigmoid(-z)
+  T overlap_floor;
+  int64_t exponent;  // backward rows were multiplied by 2^-exponent in total
+
+  MLELLP_HD ScaledArith(const T* p_, const T* q_, int64_t n, int64_t W)
+      : p(p_), q(q_), overlap_floor(tiny_value<T>() * T(2 * n * W) / unit_roundoff<T>()), exponent(0) {}
+  MLELLP_HD T zero() const { return T(0); }
+  MLELLP_HD T one() const { return T(1); }
+  MLELLP_HD T pos(int64_t i) const { return p[i]; }
+  MLELLP_HD T neg(int64_t i) const { return q[i]; }
+  MLELLP_HD T mul(T a, T b) const { return a * b; }
+  MLELLP_HD T add(T a, T b) const { return a + b; }
+  // Every team member calls this with the same row_max and scales its own
+  // strided entries; all reach the same verdict and exponent.
+  template <typename Team>
+  MLELLP_HD bool normalize(const Team& team, T* row, int64_t len, T row_max, bool backward) {
+    if (!(row_max >= min_normal<T>()) || is_inf(row_max)) return false;
+    int e;
+    T scale;
+    pow2_normalizer(row_max, &e, &scale);
+    const T tiny = tiny_value<T>();
+    for (int64_t k = team.rank(); k < len; k += team.size()) {
+      const T v = row[k] * scale;
+      row[k] = v >= tiny ? v : T(0);  // flushing also avoids slow subnormal arithmetic
+    }
+    if (backward) exponent += e;
+    return true;
+  }
+  MLELLP_HD bool ratio(T num, T den, T g_max, T* out) const {
+    if (!(den >= overlap_floor * g_max)) return false;
+    *out = num / den;
+    return true;
+  }
+  MLELLP_HD T log_lik(T g0) const {
+    return m_log(g0) + static_cast<T>(exponent) * static_cast<T>(0.69314718055994530942);
+  }
+};
+
+// LogArith keeps rows with maximum 0 so that phi, a difference of two
+// log-sums, is not computed from numbers of magnitude ~n (float32 would lose
+// digits). Exact for any non-NaN logits, +-inf included.
+template <typename T>
+struct LogArith {
+  const T* lp;  // log sigmoid(z)
+  const T* lq;  // log sigmoid(-z)
+  T offset;     // log of what the backward rows were divided by
+
+  MLELLP_HD LogArith(const T* lp_, const T* lq_) : lp(lp_), lq(lq_), offset(T(0)) {}
+  MLELLP_HD T zero() const { return -inf_value<T>(); }
+  MLELLP_HD T one() const { return T(0); }
+  MLELLP_HD T pos(int64_t i) const { return lp[i]; }
+  MLELLP_HD T neg(int64_t i) const { return lq[i]; }
+  MLELLP_HD T mul(T a, T b) const { return a + b; }
+  MLELLP_HD T add(T a, T b) const { return log_add_exp(a, b); }
+  template <typename Team>
+  MLELLP_HD bool normalize(const Team& team, T* row, int64_t len, T row_max, bool backward) {
+    if (row_max == -inf_value<T>()) return true;  // an impossible observation stays -inf
+    for (int64_t k = team.rank(); k < len; k += team.size()) row[k] -= row_max;
+    if (backward) offset += row_max;
+    return true;
+  }
+  MLELLP_HD bool ratio(T num, T den, T /*g_max*/, T* out) const {
+    // den == -inf: the observation is impossible; the caller marks phi NaN.
+    *out = num == -inf_value<T>() ? (den == -inf_value<T>() ? nan_value<T>() : T(0)) : m_exp(num - den);
+    return true;
+  }
+  MLELLP_HD T log_lik(T g0) const { return g0 + offset; }
+};
+
+// ---------------------------------------------------------------------------
+// Rows per checkpoint block (see posterior_recursion).
+MLELLP_HD int64_t checkpoint_block(int64_t n) {
+  if (n <= 256) return n > 0 ? n : 1;
+  int64_t s = static_cast<int64_t>(::sqrt(static_cast<double>(n)));
+  while (s * s < n) ++s;
+  return s;
+}
+
+// Workspace (in elements of T) that posterior_bag needs for one bag.
+MLELLP_HD int64_t posterior_workspace(int64_t n, int64_t ylo, int64_t yhi) {
+  if (n == 0) return 0;
+  const int64_t W = Band{n, ylo, yhi}.width();
+  const int64_t s = checkpoint_block(n);
+  const int64_t blocks = (n + s - 1) / s;
+  return 2 * n + (blocks + s) * W + 2 * W;  // p, q; checkpoints; one block of rows; two backward rows
+}
+
+// ---------------------------------------------------------------------------
+// Teams: who runs the skeleton. Every loop over counts k is strided by
+// team.size(), and team.reduce() combines per-member partial values (it also
+// orders memory: after it returns, every member's earlier writes are visible).
+//   SoloTeam    one thread per bag (CPU, and CUDA for small bags);
+//   a CPU thread team (cpu/posterior_cpu.cpp) and a CUDA thread block
+//   (cuda/posterior_cuda.cu) for large bags, whose rows are wide.
+// Reductions combine partials in a fixed order, so results are deterministic
+// for a given team size.
+struct SoloTeam {
+  MLELLP_HD constexpr int rank() const { return 0; }
+  MLELLP_HD constexpr int size() const { return 1; }
+  MLELLP_HD void sync() const {}
+  template <typename T, typename Op>
+  MLELLP_HD void reduce(T* /*values*/, int /*count*/, Op /*op*/) const {}
+};
+
+// Forward row i (after instance i) from row i-1.
+template <typename Team, typename A, typename T>
+MLELLP_HD bool forward_row(const Team& team, A& ar, const Band& band, int64_t i, const T* prev, T* cur) {
+  const int64_t lo = band.lo(i), hi = band.hi(i);
+  const int64_t plo = band.lo(i - 1), phi_ = band.hi(i - 1);
+  const T c1 = ar.pos(i - 1), c0 = ar.neg(i - 1);
+  T row_max[1] = {ar.zero()};
+  for (int64_t k = lo + team.rank(); k <= hi; k += team.size()) {
+    const T stay = k <= phi_ ? ar.mul(c0, prev[k - plo]) : ar.zero();
+    const T step = k - 1 >= plo ? ar.mul(c1, prev[k - 1 - plo]) : ar.zero();
+    const T v = ar.add(stay, step);
+    cur[k - lo] = v;
+    row_max[0] = v > row_max[0] ? v : row_max[0];
+  }
+  team.reduce(row_max, 1, [](int, T a, T b) { return a > b ? a : b; });
+  const bool ok = ar.normalize(team, cur, hi - lo + 1, row_max[0], false);
+  team.sync();  // the next row reads entries other members wrote
   return ok;
 }
 
-// Log-space rows are kept with maximum 0 so that phi, a difference of two
-// log-sums, is not computed from numbers of magnitude ~n (float32 would lose
-// digits). Returns the shift (0 for an all -inf row, which stays as it is).
-template <typename T>
-MLELLP_HD T shift_log_row(T* row, int64_t len, T row_max) {
-  if (row_max == -inf_value<T>()) return T(0);
-  for (int64_t k = 0; k < len; ++k) row[k] -= row_max;
-  return row_max;
+template <typename Team, typename T>
+MLELLP_HD void copy_row(const Team& team, const T* from, T* to, int64_t len) {
+  for (int64_t k = team.rank(); k < len; k += team.size()) to[k] = from[k];
+  team.sync();
 }
 
-// ---------------------------------------------------------------------------
-// Scaled path of the posterior. Writes phi[0..n) and *log_lik; returns false
-// (outputs then undefined) if it cannot guarantee full relative precision.
-// p, q must already hold sigmoid(z), sigmoid(-z).
-template <typename T>
-MLELLP_HD bool posterior_scaled(const T* p, const T* q, int64_t n, int64_t ylo, int64_t yhi,
-                                T* phi, T* log_lik, T* rows, T* g_cur, T* g_next) {
+// Both recursions for one bag; phi[0..n), *log_lik. Returns false where the
+// arithmetic policy cannot vouch for the result (ScaledArith only); every
+// team member returns the same.
+//
+// Forward rows are checkpointed every `block` rows and recomputed block by
+// block during the backward pass, so a bag needs (n / block + block) * W
+// entries instead of n * W: small bags (n <= 256) are one block (no
+// recomputation); larger ones use block ~ sqrt(n), at the price of one more
+// forward pass. A bag of 100,000 instances with y = 50,000 needs 3.2e7
+// entries (~250 MB in float64) instead of 5e9.
+template <typename Team, typename A, typename T>
+MLELLP_HD bool posterior_recursion(const Team& team, A& ar, int64_t n, int64_t ylo, int64_t yhi, T* phi,
+                                   T* log_lik, T* ws) {
   const Band band{n, ylo, yhi};
   const int64_t W = band.width();
-  const T tiny = tiny_value<T>();
-  int64_t unused_exponent = 0;
+  const int64_t s = checkpoint_block(n);
+  const int64_t blocks = (n + s - 1) / s;
+  T* ckpt = ws;                  // forward rows 0, s, 2s, ...
+  T* block = ckpt + blocks * W;  // forward rows of the block being combined
+  T* g_cur = block + s * W;
+  T* g_next = g_cur + W;
 
-  // Forward rows 0..n-1, row i at rows + i*W, entry k at k - lo(i).
-  rows[0] = T(1);
-  for (int64_t i = 1; i < n; ++i) {
-    const int64_t lo = band.lo(i), hi = band.hi(i);
-    const int64_t plo = band.lo(i - 1), phi_ = band.hi(i - 1);
-    const T* prev = rows + (i - 1) * W;
-    T* cur = rows + i * W;
-    const T pi = p[i - 1], qi = q[i - 1];
-    T row_max = T(0);
-    for (int64_t k = lo; k <= hi; ++k) {
-      const T stay = k <= phi_ ? prev[k - plo] : T(0);
-      const T step = k - 1 >= plo ? prev[k - 1 - plo] : T(0);
-      const T v = qi * stay + pi * step;
-      cur[k - lo] = v;
-      row_max = v > row_max ? v : row_max;
+  if (team.rank() == 0) ckpt[0] = ar.one();
+  team.sync();
+  if (blocks > 1) {  // s >= 16 here, so block has room for two rolling rows
+    const T* prev = ckpt;
+    for (int64_t i = 1; i <= (blocks - 1) * s; ++i) {
+      T* cur = block + (i & 1) * W;
+      if (!forward_row(team, ar, band, i, prev, cur)) return false;
+      if (i % s == 0) copy_row(team, cur, ckpt + (i / s) * W, W);
+      prev = cur;
     }
-    if (!normalize_row(cur, hi - lo + 1, row_max, &unused_exponent)) return false;
   }
 
-  // Backward, combining with the stored forward row of each instance.
-  int64_t exponent = 0;
   {
     const int64_t lo = band.lo(n), hi = band.hi(n);
-    for (int64_t k = lo; k <= hi; ++k) g_cur[k - lo] = T(1);
+    for (int64_t k = lo + team.rank(); k <= hi; k += team.size()) g_cur[k - lo] = ar.one();
   }
-  for (int64_t i = n; i >= 1; --i) {
-    const int64_t lo = band.lo(i), hi = band.hi(i);          // band of g_i
-    const int64_t plo = band.lo(i - 1), phi_ = band.hi(i - 1);  // band of a_{i-1}, g_{i-1}
-    const T* a = rows + (i - 1) * W;
-    const T pi = p[i - 1], qi = q[i - 1];
-    T num = T(0), den = T(0), row_max = T(0);
-    for (int64_t k = plo; k <= phi_; ++k) {
-      const T g_k = (k >= lo && k <= hi) ? g_cur[k - lo] : T(0);
-      const T g_k1 = (k + 1 >= lo && k + 1 <= hi) ? g_cur[k + 1 - lo] : T(0);
-      // t1 is shared by num and den so that y = n gives phi exactly 1.
-      const T t1 = pi * g_k1;
-      const T g_new = qi * g_k + t1;
-      num += a[k - plo] * t1;
-      den += a[k - plo] * g_new;
-      g_next[k - plo] = g_new;
-      row_max = g_new > row_max ? g_new : row_max;
+  for (int64_t c = blocks - 1; c >= 0; --c) {
+    const int64_t start = c * s, end = start + s < n ? start + s : n;  // rows start..end-1
+    copy_row(team, ckpt + c * W, block, W);
+    for (int64_t r = start + 1; r < end; ++r) {
+      if (!forward_row(team, ar, band, r, block + (r - 1 - start) * W, block + (r - start) * W)) return false;
     }
-    // A den this small may have lost terms to underflow.
-    if (!(den >= tiny * T(W))) return false;
-    phi[i - 1] = num / den;
-    if (!normalize_row(g_next, phi_ - plo + 1, row_max, &exponent)) return false;
-    T* t = g_cur; g_cur = g_next; g_next = t;
+    for (int64_t i = end; i > start; --i) {  // instance i (1-based) pairs a_{i-1} with g_i
+      const int64_t lo = band.lo(i), hi = band.hi(i);            // band of g_i
+      const int64_t plo = band.lo(i - 1), phi_ = band.hi(i - 1);  // band of a_{i-1}, g_{i-1}
+      const T* a = block + (i - 1 - start) * W;
+      const T c1 = ar.pos(i - 1), c0 = ar.neg(i - 1);
+      T acc[3] = {ar.zero(), ar.zero(), ar.zero()};  // num, den, max of g_{i-1}
+      for (int64_t k = plo + team.rank(); k <= phi_; k += team.size()) {
+        const T g_k = (k >= lo && k <= hi) ? g_cur[k - lo] : ar.zero();
+        const T g_k1 = (k + 1 >= lo && k + 1 <= hi) ? g_cur[k + 1 - lo] : ar.zero();
+        // t1 is shared by num and den so that y = n gives phi exactly 1.
+        const T t1 = ar.mul(c1, g_k1);
+        const T g_new = ar.add(ar.mul(c0, g_k), t1);
+        acc[0] = ar.add(acc[0], ar.mul(a[k - plo], t1));
+        acc[1] = ar.add(acc[1], ar.mul(a[k - plo], g_new));
+        g_next[k - plo] = g_new;
+        acc[2] = g_new > acc[2] ? g_new : acc[2];
+      }
+      team.reduce(acc, 3, [&ar](int j, T x, T y) { return j < 2 ? ar.add(x, y) : (x > y ? x : y); });
+      T phi_i;
+      if (!ar.ratio(acc[0], acc[1], acc[2], &phi_i)) return false;
+      if (team.rank() == 0) phi[i - 1] = phi_i;
+      if (!ar.normalize(team, g_next, phi_ - plo + 1, acc[2], true)) return false;
+      team.sync();
+      T* t = g_cur;
+      g_cur = g_next;
+      g_next = t;
+    }
   }
-  // g_0(0) * 2^exponent = P(obs); g_0(0) in [0.5, 1).
-  *log_lik = m_log(g_cur[0]) + static_cast<T>(exponent) * static_cast<T>(0.69314718055994530942);
+  if (team.rank() == 0) *log_lik = ar.log_lik(g_cur[0]);
   return true;
 }
 
-// Log path of the posterior: same recursions in log space. Exact for any
-// non-NaN logits. lp, lq hold log sigmoid(z), log sigmoid(-z).
+// ---------------------------------------------------------------------------
+// Exponential tilting for large bags. Adding lambda to every logit multiplies
+// the probability of each labeling by exp(lambda * S) / prod_i (q_i + p_i e^lambda),
+// which leaves P(h_i = 1 | S in [ylo, yhi]) unchanged when ylo = yhi and moves
+// the count distribution's mass to the target. Then the forward and backward
+// rows of a large bag peak at the same counts, their overlap (ScaledArith)
+// stays of order one, and the cheap scaled path suffices even where the
+// observed count is far in the untilted tail (say y = n/10 with p ~ 0.5).
+// For a range of counts (ylo < yhi) a tilt would reweight counts inside the
+// range, so it is applied only for a single count.
+constexpr int64_t kTiltMinInstances = 256;
+
+// lambda with sum_i sigmoid(z_i + lambda) ~= target (0 < target < n), by
+// safeguarded Newton in double. Any lambda is exact; a good one is only faster.
+template <typename Team, typename T>
+MLELLP_HD T tilt_towards(const Team& team, const T* z, int64_t n, double target) {
+  double zmax[1] = {0.0};
+  for (int64_t i = team.rank(); i < n; i += team.size()) {
+    const double a = ::fabs(static_cast<double>(z[i]));
+    zmax[0] = a > zmax[0] ? a : zmax[0];
+  }
+  team.reduce(zmax, 1, [](int, double a, double b) { return a > b ? a : b; });
+  double a = -zmax[0] - 40.0, b = zmax[0] + 40.0, lam = 0.0;
+  for (int it = 0; it < 100; ++it) {
+    double f[2] = {0.0, 0.0};  // sum p_i, sum p_i q_i
+    for (int64_t i = team.rank(); i < n; i += team.size()) {
+      double pi, qi;
+      sigmoid_pair(static_cast<double>(z[i]) + lam, &pi, &qi);
+      f[0] += pi;
+      f[1] += pi * qi;
+    }
+    team.reduce(f, 2, [](int, double x, double y) { return x + y; });
+    const double excess = f[0] - target;
+    if (::fabs(excess) < 0.25) break;
+    if (excess > 0) b = lam; else a = lam;
+    const double newton = f[1] > 0 ? lam - excess / f[1] : 0.5 * (a + b);
+    lam = (newton > a && newton < b) ? newton : 0.5 * (a + b);
+  }
+  return static_cast<T>(lam);
+}
+
 template <typename T>
-MLELLP_HD void posterior_log(const T* lp, const T* lq, int64_t n, int64_t ylo, int64_t yhi,
-                             T* phi, T* log_lik, T* rows, T* g_cur, T* g_next) {
-  const Band band{n, ylo, yhi};
-  const int64_t W = band.width();
-  const T ninf = -inf_value<T>();
+MLELLP_HD T softplus(T x) {
+  return (x > T(0) ? x : T(0)) + m_log1p(m_exp(x > T(0) ? -x : x));
+}
 
-  rows[0] = T(0);
-  for (int64_t i = 1; i < n; ++i) {
-    const int64_t lo = band.lo(i), hi = band.hi(i);
-    const int64_t plo = band.lo(i - 1), phi_ = band.hi(i - 1);
-    const T* prev = rows + (i - 1) * W;
-    T* cur = rows + i * W;
-    const T lpi = lp[i - 1], lqi = lq[i - 1];
-    T row_max = ninf;
-    for (int64_t k = lo; k <= hi; ++k) {
-      const T stay = k <= phi_ ? lqi + prev[k - plo] : ninf;
-      const T step = k - 1 >= plo ? lpi + prev[k - 1 - plo] : ninf;
-      cur[k - lo] = log_add_exp(stay, step);
-      row_max = cur[k - lo] > row_max ? cur[k - lo] : row_max;
-    }
-    shift_log_row(cur, hi - lo + 1, row_max);
+// log P_untilted(S = y) - log P_tilted(S = y) = sum_i [softplus(z_i + lambda) - softplus(z_i)] - lambda y,
+// summed in double: n terms of O(1) would cost float32 digits of log P.
+template <typename Team, typename T>
+MLELLP_HD T tilt_correction(const Team& team, const T* z, int64_t n, T lambda, int64_t y) {
+  const double lam = static_cast<double>(lambda);
+  double sum[1] = {0.0};
+  for (int64_t i = team.rank(); i < n; i += team.size()) {
+    const double zi = static_cast<double>(z[i]);
+    sum[0] += softplus(zi + lam) - softplus(zi);
   }
-
-  T log_offset = T(0);  // log of what the backward rows were divided by
-  {
-    const int64_t lo = band.lo(n), hi = band.hi(n);
-    for (int64_t k = lo; k <= hi; ++k) g_cur[k - lo] = T(0);
-  }
-  for (int64_t i = n; i >= 1; --i) {
-    const int64_t lo = band.lo(i), hi = band.hi(i);
-    const int64_t plo = band.lo(i - 1), phi_ = band.hi(i - 1);
-    const T* a = rows + (i - 1) * W;
-    const T lpi = lp[i - 1], lqi = lq[i - 1];
-    T num = ninf, den = ninf, row_max = ninf;
-    for (int64_t k = plo; k <= phi_; ++k) {
-      const T g_k = (k >= lo && k <= hi) ? lqi + g_cur[k - lo] : ninf;
-      const T t1 = (k + 1 >= lo && k + 1 <= hi) ? lpi + g_cur[k + 1 - lo] : ninf;
-      const T g_new = log_add_exp(g_k, t1);
-      num = log_add_exp(num, a[k - plo] + t1);
-      den = log_add_exp(den, a[k - plo] + g_new);
-      g_next[k - plo] = g_new;
-      row_max = g_new > row_max ? g_new : row_max;
-    }
-    // den == -inf: the observation is impossible; the caller marks phi NaN.
-    phi[i - 1] = num == ninf ? (den == ninf ? nan_value<T>() : T(0)) : m_exp(num - den);
-    log_offset += shift_log_row(g_next, phi_ - plo + 1, row_max);
-    T* t = g_cur; g_cur = g_next; g_next = t;
-  }
-  *log_lik = g_cur[0] + log_offset;
+  team.reduce(sum, 1, [](int, double x, double y2) { return x + y2; });
+  return static_cast<T>(sum[0] - lam * static_cast<double>(y));
 }
 
 // ---------------------------------------------------------------------------
-// One bag of the posterior op. z: n logits; counts condition S in [ylo, yhi]
-// (0 <= ylo <= yhi <= n, validated by the caller). ws: posterior_workspace().
+// One bag of the posterior op, run by `team` (every member calls it).
+// z: n logits; counts condition S in [ylo, yhi] (0 <= ylo <= yhi <= n,
+// validated by the caller). ws: posterior_workspace() entries.
 // Outputs: phi[0..n) = P(h_i = 1 | obs), *log_lik = log P(obs).
 // NaN logit -> NaN everywhere in the bag; impossible observation (only with
 // infinite logits) -> log_lik = -inf and phi = NaN.
-template <typename T>
-MLELLP_HD void posterior_bag(const T* z, int64_t n, int64_t ylo, int64_t yhi, T* phi, T* log_lik,
-                             T* ws) {
+template <typename Team, typename T>
+MLELLP_HD void posterior_bag(const Team& team, const T* z, int64_t n, int64_t ylo, int64_t yhi, T* phi,
+                             T* log_lik, T* ws) {
   if (n == 0) {
-    *log_lik = T(0);
+    if (team.rank() == 0) *log_lik = T(0);
     return;
   }
-  const int64_t W = Band{n, ylo, yhi}.width();
   T* p = ws;
   T* q = ws + n;
   T* rows = ws + 2 * n;
-  T* g0 = rows + n * W;
-  T* g1 = g0 + W;
-
-  bool any_nan = false, any_inf = false;
-  for (int64_t i = 0; i < n; ++i) {
+  T flags[2] = {T(0), T(0)};  // any NaN, any infinite logit
+  for (int64_t i = team.rank(); i < n; i += team.size()) {
     const T zi = z[i];
-    any_nan |= is_nan(zi);
-    any_inf |= is_inf(zi);
+    flags[0] = is_nan(zi) ? T(1) : flags[0];
+    flags[1] = is_inf(zi) ? T(1) : flags[1];
     sigmoid_pair(zi, p + i, q + i);
   }
-  if (any_nan) {
-    for (int64_t i = 0; i < n; ++i) phi[i] = nan_value<T>();
-    *log_lik = nan_value<T>();
+  team.reduce(flags, 2, [](int, T a, T b) { return a > b ? a : b; });
+  if (flags[0] != T(0)) {
+    for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
+    if (team.rank() == 0) *log_lik = nan_value<T>();
     return;
   }
-  if (any_inf || !posterior_scaled(p, q, n, ylo, yhi, phi, log_lik, rows, g0, g1)) {
-    for (int64_t i = 0; i < n; ++i) log_sigmoid_pair(z[i], p + i, q + i);
-    posterior_log(p, q, n, ylo, yhi, phi, log_lik, rows, g0, g1);
+  bool done = false;
+  if (flags[1] == T(0)) {
+    // Large bags: tilt the logits so that the target count is the expected
+    // one (see tilt_towards); phi is unchanged by a tilt, log P(obs) is
+    // corrected below.
+    const bool tilt = n > kTiltMinInstances && ylo > 0 && ylo == yhi && yhi < n;
+    const T lambda = tilt ? tilt_towards(team, z, n, static_cast<double>(ylo)) : T(0);
+    if (tilt) {
+      for (int64_t i = team.rank(); i < n; i += team.size()) sigmoid_pair(z[i] + lambda, p + i, q + i);
+      team.sync();
+    }
+    ScaledArith<T> scaled(p, q, n, Band{n, ylo, yhi}.width());
+    done = posterior_recursion(team, scaled, n, ylo, yhi, phi, log_lik, rows);
+    if (tilt) {
+      const T correction = tilt_correction(team, z, n, lambda, ylo);
+      if (done && team.rank() == 0) *log_lik += correction;
+    }
   }
+  if (!done) {
+    team.sync();
+    for (int64_t i = team.rank(); i < n; i += team.size()) log_sigmoid_pair(z[i], p + i, q + i);
+    team.sync();
+    LogArith<T> logs(p, q);
+    posterior_recursion(team, logs, n, ylo, yhi, phi, log_lik, rows);
+  }
+  team.sync();
   if (*log_lik == -inf_value<T>()) {
-    for (int64_t i = 0; i < n; ++i) phi[i] = nan_value<T>();
+    for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
   }
+  team.sync();  // the next bag may reuse the workspace
 }
 
 // One bag of log_pmf: out[k] = log P(S = k), k = 0..n. The recursion runs in
@@ -365,7 +543,7 @@ MLELLP_HD void log_pmf_bag(const T* z, int64_t n, T* out) {
       }
       row[0] = qi * row[0];
       row_max = row[0] > row_max ? row[0] : row_max;
-      ok = normalize_row(row, i + 1, row_max, &exponent);
+      ok = normalize_row(row, i + 1, row_max, &exponent, true);
     }
     if (ok) {
       const T shift = static_cast<T>(exponent) * static_cast<T>(0.69314718055994530942);

@@ -50,15 +50,17 @@ void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_b
   }
 }
 
-int64_t check_bag_values(const char* op, const at::Tensor& offsets, const at::Tensor* counts, int64_t num_instances,
-                         const at::Tensor& extra) {
+std::vector<int64_t> check_bag_values(const char* op, const at::Tensor& offsets, const at::Tensor* counts,
+                                      int64_t num_instances, const at::Tensor& extras) {
   const int64_t num_bags = offsets.numel() - 1;
   if (offsets.device().is_cpu()) {
     auto off = offsets.contiguous();
     at::Tensor cnt = counts != nullptr ? counts->contiguous() : at::Tensor();
     check_bag_values_host(op, off.data_ptr<int64_t>(), num_bags, num_instances,
                           counts != nullptr ? cnt.data_ptr<int64_t>() : nullptr);
-    return extra.defined() ? extra.item<int64_t>() : 0;
+    if (!extras.defined()) return {};
+    auto host = extras.to(at::kCPU, at::kLong).contiguous();
+    return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
   }
   // Device tensors: reduce every condition to one small tensor, copy it once.
   auto sizes = offsets.slice(0, 1) - offsets.slice(0, 0, num_bags);
@@ -71,7 +73,7 @@ int64_t check_bag_values(const char* op, const at::Tensor& offsets, const at::Te
   };
   std::vector<at::Tensor> as_long;
   for (auto& t : parts) as_long.push_back(t.to(at::kLong).reshape({1}));
-  as_long.push_back(extra.defined() ? extra.reshape({1}) : zero.reshape({1}));
+  if (extras.defined()) as_long.push_back(extras.reshape({-1}).to(at::kLong));
   auto host = at::cat(as_long).cpu();
   auto h = host.data_ptr<int64_t>();
   if (h[0] || h[1] || h[2] || h[3]) {
@@ -82,7 +84,7 @@ int64_t check_bag_values(const char* op, const at::Tensor& offsets, const at::Te
                           counts != nullptr ? cnt.data_ptr<int64_t>() : nullptr);
     TORCH_CHECK(false, op, ": invalid offsets or counts (device check failed, host re-check passed)");
   }
-  return h[4];
+  return std::vector<int64_t>(h + 4, h + host.numel());
 }
 
 }  // namespace mlellp

@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace mlellp {
 
 // Ranks, dtypes, lengths and devices; reads no tensor data.
@@ -17,11 +19,12 @@ void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_b
                            int64_t num_instances, const int64_t* counts);
 
 // The same for tensors on any device. On a GPU it costs one device-to-host
-// copy, which also brings back `extra` (an int64 scalar on the same device,
-// may be undefined) so that a caller can fetch, say, a workspace size in the
-// same sync. Returns extra's value (0 if undefined).
-int64_t check_bag_values(const char* op, const at::Tensor& offsets, const at::Tensor* counts,
-                         int64_t num_instances, const at::Tensor& extra);
+// copy, which also brings back `extras` (a 1-D int64 tensor on the same
+// device, may be undefined) so that a caller can fetch, say, a workspace size
+// in the same sync. Returns extras' values (empty if undefined).
+
+std::vector<int64_t> check_bag_values(const char* op, const at::Tensor& offsets, const at::Tensor* counts,
+                                      int64_t num_instances, const at::Tensor& extras);
 
 // float for float16/bfloat16, else the dtype itself (float32/float64).
 at::ScalarType compute_dtype(at::ScalarType dtype);

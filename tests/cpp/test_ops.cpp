@@ -54,7 +54,7 @@ void test_header_against_enumeration() {
     for (double& v : z) v = normal(rng);
     std::vector<double> ws(mlellp::detail::posterior_workspace(n, y, y)), phi(n);
     double ll = 0;
-    mlellp::detail::posterior_bag<double>(z.data(), n, y, y, phi.data(), &ll, ws.data());
+    mlellp::detail::posterior_bag(mlellp::detail::SoloTeam(), z.data(), n, y, y, phi.data(), &ll, ws.data());
     double ref_ll;
     std::vector<double> ref_phi;
     enumerate(z, y, &ref_ll, &ref_phi);

@@ -15,11 +15,50 @@ namespace mlellp {
 namespace {
 
 constexpr int kThreads = 128;
+// Bags whose rows are at least this wide get a thread block each (BlockTeam),
+// smaller ones a thread each: a lone thread would crawl through a wide row.
+constexpr int64_t kBlockMinWidth = 64;
+constexpr int kBlockThreads = 256;  // a power of two (tree reductions)
+
+// The CUDA team of bag_recursion.h: the threads of one block. Reductions use
+// a shared-memory tree in a fixed order, so results are deterministic.
+class BlockTeam {
+ public:
+  __device__ explicit BlockTeam(double* shared) : shared_(shared) {}
+  __device__ int rank() const { return threadIdx.x; }
+  __device__ int size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+  template <typename T, typename Op>
+  __device__ void reduce(T* values, int count, Op op) const {
+    const int n = blockDim.x, t = threadIdx.x;
+    for (int j = 0; j < count; ++j) shared_[j * n + t] = static_cast<double>(values[j]);
+    __syncthreads();
+    for (int stride = n / 2; stride > 0; stride /= 2) {
+      if (t < stride) {
+        for (int j = 0; j < count; ++j) {
+          shared_[j * n + t] = static_cast<double>(
+              op(j, static_cast<T>(shared_[j * n + t]), static_cast<T>(shared_[j * n + t + stride])));
+        }
+      }
+      __syncthreads();
+    }
+    for (int j = 0; j < count; ++j) values[j] = static_cast<T>(shared_[j * n]);
+    __syncthreads();  // the buffer is reused by the next reduction
+  }
+
+ private:
+  double* shared_;
+};
 
 inline unsigned int blocks_for(int64_t work) {
   return static_cast<unsigned int>((work + kThreads - 1) / kThreads);
 }
 
+__device__ __forceinline__ bool is_wide(int64_t n, int64_t y) {
+  return detail::Band{n, y, y}.width() >= kBlockMinWidth;
+}
+
+// Small bags: one thread each (wide bags are left to posterior_block_kernel).
 template <typename T>
 __global__ void posterior_kernel(const T* __restrict__ z, const int64_t* __restrict__ off,
                                  const int64_t* __restrict__ cnt, const int64_t* __restrict__ ws_off, T* ws,
@@ -27,7 +66,48 @@ __global__ void posterior_kernel(const T* __restrict__ z, const int64_t* __restr
   const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (b >= num_bags) return;
   const int64_t start = off[b], n = off[b + 1] - start, y = cnt[b];
-  detail::posterior_bag<T>(z + start, n, y, y, phi + start, log_lik + b, ws + ws_off[b]);
+  if (is_wide(n, y)) return;
+  detail::posterior_bag(detail::SoloTeam(), z + start, n, y, y, phi + start, log_lik + b, ws + ws_off[b]);
+}
+
+// Wide bags: one block each, the count dimension spread over its threads.
+// wide_bags lists them (compacted on the device); its length is the grid.
+template <typename T>
+__global__ void posterior_block_kernel(const T* __restrict__ z, const int64_t* __restrict__ off,
+                                       const int64_t* __restrict__ cnt, const int64_t* __restrict__ ws_off, T* ws,
+                                       T* __restrict__ phi, T* __restrict__ log_lik,
+                                       const int64_t* __restrict__ wide_bags) {
+  __shared__ double shared[3 * kBlockThreads];
+  const int64_t b = wide_bags[blockIdx.x];
+  const int64_t start = off[b], n = off[b + 1] - start, y = cnt[b];
+  detail::posterior_bag(BlockTeam(shared), z + start, n, y, y, phi + start, log_lik + b, ws + ws_off[b]);
+}
+
+// Marks wide bags (1) and others (0); the caller's inclusive prefix sum of the
+// marks, zeroed at unmarked bags, places each wide bag in the compacted list.
+__global__ void wide_mark_kernel(const int64_t* __restrict__ off, const int64_t* __restrict__ cnt,
+                                 int64_t* __restrict__ mark, int64_t num_bags) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= num_bags) return;
+  const int64_t n = off[b + 1] - off[b], y = cnt[b];
+  mark[b] = (n >= 0 && y >= 0 && y <= n && is_wide(n, y)) ? 1 : 0;
+}
+
+__global__ void wide_scatter_kernel(const int64_t* __restrict__ position, int64_t* __restrict__ wide_bags,
+                                    int64_t num_bags) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= num_bags || position[b] == 0) return;
+  wide_bags[position[b] - 1] = b;
+}
+
+// Workspace of each bag, from the same function the CPU uses (invalid
+// counts get 0; the launch never happens for them).
+__global__ void workspace_kernel(const int64_t* __restrict__ off, const int64_t* __restrict__ cnt,
+                                 int64_t* __restrict__ need, int64_t num_bags) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= num_bags) return;
+  const int64_t n = off[b + 1] - off[b], y = cnt[b];
+  need[b] = (n >= 0 && y >= 0 && y <= n) ? detail::posterior_workspace(n, y, y) : 0;
 }
 
 template <typename T>
@@ -48,17 +128,29 @@ std::tuple<at::Tensor, at::Tensor> posterior_cuda(const at::Tensor& logits, cons
   const auto off = offsets.contiguous();
   const auto cnt = counts.contiguous();
 
-  // Workspace of each bag (posterior_workspace, vectorised), placed by an
-  // exclusive prefix sum. Its total comes back in the validation sync.
-  at::Tensor need, ws_end, total;
+  // Workspace of each bag, placed by an exclusive prefix sum. Its total
+  // comes back in the validation sync.
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // Wide bags are compacted into a list for the block kernel; its length
+  // comes back in the same sync.
+  at::Tensor need, ws_end, totals, mark_end;
   if (num_bags > 0) {
-    const auto n = off.slice(0, 1) - off.slice(0, 0, num_bags);
-    const auto width = at::minimum(cnt, n - cnt) + 1;
-    need = at::where(n > 0, 2 * n + n * width + 2 * width, at::zeros_like(n));
+    need = at::empty({num_bags}, off.options());
+    workspace_kernel<<<blocks_for(num_bags), kThreads, 0, stream>>>(off.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(),
+                                                                    need.data_ptr<int64_t>(), num_bags);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto mark = at::empty({num_bags}, off.options());
+    wide_mark_kernel<<<blocks_for(num_bags), kThreads, 0, stream>>>(off.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(),
+                                                                    mark.data_ptr<int64_t>(), num_bags);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     ws_end = at::cumsum(need, 0);
-    total = ws_end[-1];
+    mark_end = at::cumsum(mark, 0);
+    totals = at::stack({ws_end[-1], mark_end[-1]});
+    mark_end = at::where(mark.to(at::kBool), mark_end, at::zeros_like(mark_end));
   }
-  const int64_t ws_total = check_bag_values("posterior", off, &cnt, num_instances, total);
+  const auto extras = check_bag_values("posterior", off, &cnt, num_instances, totals);
+  const int64_t ws_total = extras.empty() ? 0 : extras[0];
+  const int64_t num_wide = extras.empty() ? 0 : extras[1];
 
   const auto z = logits.to(compute_dtype(logits.scalar_type())).contiguous();
   auto phi = at::empty_like(z);
@@ -67,12 +159,25 @@ std::tuple<at::Tensor, at::Tensor> posterior_cuda(const at::Tensor& logits, cons
   const auto ws_off = ws_end - need;
   auto ws = at::empty({ws_total}, z.options());
 
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor wide_bags;
+  if (num_wide > 0) {
+    wide_bags = at::empty({num_wide}, off.options());
+    wide_scatter_kernel<<<blocks_for(num_bags), kThreads, 0, stream>>>(
+        mark_end.data_ptr<int64_t>(), wide_bags.data_ptr<int64_t>(), num_bags);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlellp_posterior_cuda", [&] {
     posterior_kernel<scalar_t><<<blocks_for(num_bags), kThreads, 0, stream>>>(
         z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(), ws_off.data_ptr<int64_t>(),
         ws.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), log_lik.data_ptr<scalar_t>(), num_bags);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (num_wide > 0) {
+      posterior_block_kernel<scalar_t><<<static_cast<unsigned int>(num_wide), kBlockThreads, 0, stream>>>(
+          z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(), ws_off.data_ptr<int64_t>(),
+          ws.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), log_lik.data_ptr<scalar_t>(),
+          wide_bags.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {phi.to(logits.scalar_type()), log_lik};
 }
