@@ -67,6 +67,8 @@ def build_parser():
     t.add_argument("--estep", choices=ESTEP_MODES, default="fresh",
                    help="E-step logits: fresh inference pass (exact EM) or recorded during the M-step")
     t.add_argument("--tol", type=float, default=1e-4, help="EM stops when |change of mean bag log-likelihood| < tol")
+    t.add_argument("--min-epochs", type=int, default=10,
+                   help="EM's stopping rule applies only after this many epochs (default 10)")
     t.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/blur/colour jitter")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--out", required=True, help="output folder")

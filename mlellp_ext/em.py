@@ -9,7 +9,10 @@ The E-step takes its logits either from a fresh inference pass (``fresh``:
 exact EM, network in eval mode, no augmentation) or from the logits recorded
 during the M-step epoch (``recorded``: no extra pass, logits from a network
 that changed during the epoch and saw augmented inputs).
-Training stops once |L - L_previous| < tol.
+Training stops once |L - L_previous| < tol, but not within the first
+min_epochs iterations: at the start a network that still predicts about the
+bag proportions for everything leaves L nearly flat, and the rule alone would
+stop there (seen on digits with some seeds).
 
 Under torchrun each rank runs both steps on its own shard of the bags, with
 gradients averaged over the ranks at every M-step minibatch, and L is the mean
@@ -61,14 +64,15 @@ class EM:
 
     name = "mle"
 
-    def __init__(self, trainer, estep: str = "fresh", tol: float = 1e-4):
+    def __init__(self, trainer, estep: str = "fresh", tol: float = 1e-4, min_epochs: int = 10):
         if estep not in ESTEP_MODES:
             raise ValueError(f"--estep must be one of {ESTEP_MODES}, got {estep!r}")
         bags = trainer.train_bags
         sizes = bags.offsets[1:] - bags.offsets[:-1]
         # Initial targets: every instance gets its bag's proportion y_b / n_b.
         self.phi = torch.repeat_interleave(bags.counts.float() / sizes.clamp(min=1).float(), sizes)
-        self.estep, self.tol = estep, tol
+        self.estep, self.tol, self.min_epochs = estep, tol, min_epochs
+        self.iterations = 0
         self.last_L = None
         self.converged = False
 
@@ -83,17 +87,20 @@ class EM:
         self.phi, L = e_step(logits, bags.offsets, bags.counts)
         L = distributed.bag_mean(trainer, L, bags.counts.numel())  # over all ranks' bags
         t3 = time.perf_counter()
-        self.converged = self.last_L is not None and abs(L - self.last_L) < self.tol
+        self.iterations += 1
+        self.converged = (self.iterations >= self.min_epochs and self.last_L is not None
+                          and abs(L - self.last_L) < self.tol)
         self.last_L = L
         return {"train_loss": loss, "L": L, "m_step_seconds": t1 - t0, "inference_seconds": t2 - t1,
                 "e_step_seconds": t3 - t2}
 
     def state_dict(self):
         return {"phi": self.phi, "last_L": torch.tensor(float("nan") if self.last_L is None else self.last_L),
-                "converged": torch.tensor(self.converged)}
+                "converged": torch.tensor(self.converged), "iterations": torch.tensor(self.iterations)}
 
     def load_state_dict(self, state):
         self.phi = state["phi"]
         last = float(state["last_L"])
         self.last_L = None if last != last else last
         self.converged = bool(state["converged"])
+        self.iterations = int(state["iterations"])

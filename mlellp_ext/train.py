@@ -58,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     estep: str = "fresh"
     tol: float = 1e-4
+    min_epochs: int = 10
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -302,7 +303,7 @@ def make_method(cfg, trainer):
     from .em import EM
 
     if cfg.method == "mle":
-        return EM(trainer, estep=cfg.estep, tol=cfg.tol)
+        return EM(trainer, estep=cfg.estep, tol=cfg.tol, min_epochs=cfg.min_epochs)
     if cfg.method == "mle-direct":
         return DirectLikelihood(trainer)
     if cfg.method == "dllp":

@@ -82,3 +82,18 @@ def test_e_step_returns_mean_log_likelihood(gen):
     ref_phi, ll = mlellp_ext.posterior(logits, offsets, counts)
     torch.testing.assert_close(phi, ref_phi)
     assert abs(L - float(ll.mean())) < 1e-6
+
+
+def test_stopping_rule_waits_for_min_epochs(gen):
+    x, y, offsets, counts = synthetic(gen, num_bags=40)
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 1), torch.nn.Flatten(0))
+    trainer = fake_trainer(x, offsets, counts, model)
+    em = EM(trainer, estep="recorded", tol=1e9, min_epochs=3)  # any change counts as converged
+    epochs = 0
+    while not em.converged:
+        em.epoch(trainer)
+        epochs += 1
+    assert epochs == 3
+    restored = EM(trainer, estep="recorded", tol=1e9, min_epochs=3)
+    restored.load_state_dict(em.state_dict())
+    assert restored.iterations == 3 and restored.converged
