@@ -65,7 +65,7 @@ def main(argv=None):
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
     lines = ["| n | y | dtype | seconds | peak extra memory | n·(W) table it avoids |", "|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['n']:,} | {r['y']:,} | {r['dtype']} | {r['seconds']:.4f} | "
+        lines.append(f"| {r['n']:,} | {r['y']:,} | {r['dtype']} | {r['seconds']:.3g} | "
                      f"{r['workspace_bytes'] / 2**20:.2f} MiB | {r['dense_table_bytes'] / 2**20:,.1f} MiB |")
     with open(os.path.join(args.out, "large_bags.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -58,3 +58,34 @@ def test_huge_bag_stays_exact_in_both_paths(gen):
     torch.testing.assert_close(phi2[:n], phi, rtol=0, atol=1e-9)
     torch.testing.assert_close(ll2, ll, rtol=1e-10, atol=1e-9)
     assert phi2[n] == 1
+
+
+TEAM_SCRIPT = r"""
+import sys, torch, mlellp_ext
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+sizes = torch.tensor([5, 3000, 7, 2500, 12])
+off = mlellp_ext.offsets_from_sizes(sizes)
+z = torch.randn(int(sizes.sum()), generator=g, dtype=torch.float64) * 2
+cnt = torch.tensor([2, 1500, 3, 300, 6])
+phi, ll = torch.ops.mlellp.posterior(z, off, cnt)
+torch.save({"phi": phi, "ll": ll}, sys.argv[1])
+"""
+
+
+def test_thread_team_matches_single_thread(tmp_path):
+    # MLELLP_TEAM_MIN_WIDTH=64 makes the two wide bags run as 2-thread teams.
+    import os
+    import subprocess
+    import sys
+
+    out = {}
+    for name, width in (("team", "64"), ("solo", "1000000000")):
+        path = tmp_path / f"{name}.pt"
+        env = dict(os.environ, MLELLP_TEAM_MIN_WIDTH=width)
+        r = subprocess.run([sys.executable, "-c", TEAM_SCRIPT, str(path)], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        out[name] = torch.load(path)
+    torch.testing.assert_close(out["team"]["phi"], out["solo"]["phi"], rtol=0, atol=1e-11)
+    torch.testing.assert_close(out["team"]["ll"], out["solo"]["ll"], rtol=1e-12, atol=1e-11)

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -19,7 +20,15 @@ namespace {
 constexpr int64_t kGrainBags = 512;
 // A bag whose rows are at least this wide is run by all threads together
 // (a ThreadTeam), so that one huge bag does not leave the other cores idle.
-constexpr int64_t kTeamMinWidth = 4096;
+// A team synchronises a few times per row; on a machine whose cores are busy
+// with other work a descheduled member stalls every row (measured: a bag of
+// 10,000 instances 30x slower under load), so only rows this wide, whose
+// per-row work dwarfs that risk, use it. MLELLP_TEAM_MIN_WIDTH overrides it
+// (the tests use it to check teams against single threads).
+int64_t team_min_width() {
+  const char* env = std::getenv("MLELLP_TEAM_MIN_WIDTH");
+  return env != nullptr ? std::atoll(env) : 32768;
+}
 
 // A barrier that spins briefly before yielding: a team synchronises a few
 // times per row, every few microseconds, which a sleeping barrier (futex
@@ -112,9 +121,10 @@ std::tuple<at::Tensor, at::Tensor> posterior_cpu(const at::Tensor& logits, const
     scalar_t* phi_ptr = phi.data_ptr<scalar_t>();
     scalar_t* ll_ptr = log_lik.data_ptr<scalar_t>();
     const int threads = at::get_num_threads();
+    const int64_t min_width = team_min_width();
     auto wide = [&](int64_t b) {
       const int64_t n = off_ptr[b + 1] - off_ptr[b], y = cnt_ptr[b];
-      return threads > 1 && detail::Band{n, y, y}.width() >= kTeamMinWidth;
+      return threads > 1 && detail::Band{n, y, y}.width() >= min_width;
     };
     for (int64_t b = 0; b < num_bags; ++b) {  // huge bags first, all threads on each
       if (!wide(b)) continue;
