@@ -122,6 +122,17 @@ def _plt():
     return plt
 
 
+def _finish_plot(plt, fig, ax, path, xlabel, ylabel, title):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- experiments
 def run_curves(args, profile):
     rows = []
@@ -151,14 +162,8 @@ def run_curves(args, profile):
         ax.plot(epochs, mean, label=LABELS[method])
         ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
         lines.append(f"| {LABELS[method]} | {mean[-1]:.4f} ± {sd[-1]:.4f} | {profile.repetitions} | {epochs[-1]} |")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test instance accuracy")
-    ax.set_title("CIFAR-10 bird vs cat, bags of 2..12")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "curves.png"), dpi=110)
-    plt.close(fig)
+    _finish_plot(plt, fig, ax, os.path.join(args.out, "curves.png"), "epoch", "test instance accuracy",
+                 "CIFAR-10 bird vs cat, bags of 2..12")
     _write_md(args, "curves", lines, profile)
     return rows
 
@@ -189,14 +194,8 @@ def run_bags(args, profile):
         ax.errorbar(profile.bag_counts, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o",
                     capsize=3, label=LABELS[method])
         lines.append(f"| {LABELS[method]} | " + " | ".join(f"{mu:.4f}" for mu, _ in stats) + " |")
-    ax.set_xlabel("number of training bags m")
-    ax.set_ylabel("final test instance accuracy")
-    ax.set_title(f"CIFAR-10 bird vs cat, {profile.test_bags} test bags")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "bags.png"), dpi=110)
-    plt.close(fig)
+    _finish_plot(plt, fig, ax, os.path.join(args.out, "bags.png"), "number of training bags m",
+                 "final test instance accuracy", f"CIFAR-10 bird vs cat, {profile.test_bags} test bags")
     _write_md(args, "bags", lines, profile)
     return rows
 

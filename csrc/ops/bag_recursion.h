@@ -144,12 +144,13 @@ template <typename T> MLELLP_HD T min_normal();
 template <> MLELLP_HD float min_normal<float>() { return 1.17549435e-38f; }
 template <> MLELLP_HD double min_normal<double>() { return 2.2250738585072014e-308; }
 
-// Rescale row[0..len) by a power of two so its maximum is in [0.5, 1).
-// Returns false if the maximum is zero, subnormal or not finite, or (strict)
-// if an entry ends below tiny_value, a possible loss of precision.
-// Non-strict rows flush such entries to zero instead (see ScaledArith).
+// Rescale row[0..len) by a power of two so its maximum is in [0.5, 1), for
+// log_pmf, whose every entry must keep full relative precision. Returns false
+// if the maximum is zero, subnormal or not finite, or if an entry ends below
+// tiny_value. *exponent += shift. (The posterior's ScaledArith flushes such
+// entries instead and bounds their effect.)
 template <typename T>
-MLELLP_HD bool normalize_row(T* row, int64_t len, T row_max, int64_t* exponent, bool strict) {
+MLELLP_HD bool normalize_row(T* row, int64_t len, T row_max, int64_t* exponent) {
   if (!(row_max >= min_normal<T>()) || is_inf(row_max)) return false;
   int e;
   T scale;
@@ -157,12 +158,11 @@ MLELLP_HD bool normalize_row(T* row, int64_t len, T row_max, int64_t* exponent, 
   const T tiny = tiny_value<T>();
   bool ok = true;
   for (int64_t k = 0; k < len; ++k) {
-    const T v = row[k] * scale;
-    ok &= v >= tiny;
-    row[k] = v >= tiny ? v : T(0);  // flushing also avoids slow subnormal arithmetic
+    row[k] *= scale;
+    ok &= row[k] >= tiny;
   }
   *exponent += e;
-  return ok || !strict;
+  return ok;
 }
 
 // ---------------------------------------------------------------------------
@@ -543,7 +543,7 @@ MLELLP_HD void log_pmf_bag(const T* z, int64_t n, T* out) {
       }
       row[0] = qi * row[0];
       row_max = row[0] > row_max ? row[0] : row_max;
-      ok = normalize_row(row, i + 1, row_max, &exponent, true);
+      ok = normalize_row(row, i + 1, row_max, &exponent);
     }
     if (ok) {
       const T shift = static_cast<T>(exponent) * static_cast<T>(0.69314718055994530942);
