@@ -1,7 +1,9 @@
 """CPU benchmark of the E-step (run with `make bench`; report: bench/report.py).
 
-Three implementations on the same 100,000 bags of sizes 2..12, in one run:
-  * mlellp:     torch.ops.mlellp.posterior
+Implementations on the same 100,000 bags of sizes 2..12, in one run:
+  * mlellp:     torch.ops.mlellp.posterior (float32; bags in SIMD lanes)
+  * mlellp-per-bag: the same op with MLELLP_CPU_LANES=0 (one bag at a time)
+  * mlellp-float64: the op on float64 logits
   * padded_dp:  padded log-space DP in plain PyTorch, phi by autograd
   * enumerate:  all C(n, y) labelings in NumPy (the method's original
                 reference code), on the first ENUMERATE_BAGS bags only
@@ -37,6 +39,23 @@ def test_mlellp(benchmark, workload):
     ref_phi, ref_ll = posterior_padded_dp(logits.double(), offsets, counts)
     torch.testing.assert_close(phi.double(), ref_phi, rtol=0, atol=1e-5)
     torch.testing.assert_close(ll.double(), ref_ll, rtol=1e-5, atol=1e-5)
+
+
+def test_mlellp_per_bag(benchmark, workload, monkeypatch):
+    logits, offsets, counts = workload
+    monkeypatch.setenv("MLELLP_CPU_LANES", "0")
+    _record(benchmark, logits, offsets, "mlellp-per-bag")
+    benchmark.pedantic(torch.ops.mlellp.posterior, (logits, offsets, counts), rounds=20, warmup_rounds=2)
+
+
+def test_mlellp_float64(benchmark, workload):
+    logits, offsets, counts = workload
+    logits = logits.double()
+    _record(benchmark, logits, offsets, "mlellp-float64")
+    phi, ll = benchmark.pedantic(torch.ops.mlellp.posterior, (logits, offsets, counts), rounds=20, warmup_rounds=2)
+    ref_phi, ref_ll = posterior_padded_dp(logits, offsets, counts)
+    torch.testing.assert_close(phi, ref_phi, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ll, ref_ll, rtol=1e-10, atol=1e-10)
 
 
 def test_padded_dp(benchmark, workload):
