@@ -32,6 +32,9 @@
 // Forward rows are checkpointed (memory O((n/s + s) W), s ~ sqrt(n) for large
 // bags), and the skeleton is written for a team of threads (SoloTeam: one
 // thread per bag; a CPU thread team or a CUDA block for wide bags).
+// posterior_lanes (CPU only) runs ScaledArith's recursion on L small bags of
+// the same n and y at once, one per SIMD lane, operation for operation as the
+// skeleton does, so its results are bitwise the skeleton's.
 //
 // The target set is given as [ylo, yhi] so that ops conditioning on a set of
 // counts can reuse this file unchanged; the posterior op passes ylo = yhi.

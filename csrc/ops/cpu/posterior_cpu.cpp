@@ -194,8 +194,7 @@ struct Window {
 };
 
 template <typename T, int L, typename Alone>
-MLELLP_ALWAYS_INLINE void run_window(int64_t begin, int64_t end, const Work<T>& work, Alone alone,
-                                                      Window<T, L>& w) {
+MLELLP_ALWAYS_INLINE void run_window(int64_t begin, int64_t end, const Work<T>& work, Alone alone, Window<T, L>& w) {
   constexpr int64_t K = Window<T, L>::kStride * Window<T, L>::kStride;
   const int64_t* off = work.off;
   const int64_t bags = end - begin;
