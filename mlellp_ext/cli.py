@@ -20,6 +20,7 @@ import sys
 
 from .em import ESTEP_MODES
 from .models import BACKBONES
+from .train import LR_SCHEDULES
 
 DATASETS = ("digits", "npz", "cifar10", "family-faces", "manifest")
 DATA_OPTIONS = ("dataset", "data_root", "classes", "download", "test_root", "counts_file", "bag_size",
@@ -63,6 +64,8 @@ def build_parser():
                    help="instances per minibatch (under torchrun: in all; each of K processes takes "
                         "batch-size/K, rounded up)")
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="constant, or cosine: lr * (1 + cos(pi * epoch / epochs)) / 2 in each epoch")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--estep", choices=ESTEP_MODES, default="fresh",
                    help="E-step logits: fresh inference pass (exact EM) or recorded during the M-step")

@@ -32,8 +32,20 @@ METHODS = ("mle", "mle-direct", "dllp", "supervised", "llpgan")
 def num_outputs(method: str) -> int:
     """LLP-GAN's discriminator has K = 2 real-class logits; every other method one."""
     return 2 if method == "llpgan" else 1
-METRIC_COLUMNS = ("epoch", "train_loss", "L", "e_step_seconds", "inference_seconds", "m_step_seconds",
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "L", "e_step_seconds", "inference_seconds", "m_step_seconds",
                   "epoch_seconds", "test_accuracy", "test_auc", "test_bag_mae", "test_L")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Multiplier of --lr in epoch `epoch` (0-based) of `epochs`: 1, or a cosine
+    from 1 down towards 0. A function of the epoch alone, so resuming needs no
+    scheduler state."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+    raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
 
 
 @dataclass
@@ -55,6 +67,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     estep: str = "fresh"
     tol: float = 1e-4
@@ -145,6 +158,7 @@ class Trainer:
         in_channels = self.data.x.shape[1]
         self.model = build_backbone(cfg.backbone, in_channels, num_outputs(cfg.method), cfg.width,
                                     cfg.weights).to(self.device)
+        lr_factor(cfg.lr_schedule, 0, cfg.epochs)  # rejects an unknown schedule before any work
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.preprocess = Preprocess(self.data.x, self.data.is_rgb, cfg.augment, self.device)
         # Shuffling has its own generator; augmentation and dropout use the global RNG.
@@ -401,13 +415,17 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
     for epoch in epochs:
         if trainer.method.converged:
             break
+        lr = cfg.lr * lr_factor(cfg.lr_schedule, epoch, cfg.epochs)
+        for opt in (trainer.optimizer, getattr(trainer.method, "g_optimizer", None)):  # LLP-GAN has two
+            for group in (opt.param_groups if opt is not None else ()):
+                group["lr"] = lr
         t0 = time.perf_counter()
         stats = trainer.method.epoch(trainer)
         seconds = time.perf_counter() - t0
         if world.distributed:
             check_ranks_agree(trainer, stats, epoch)
         test = trainer.test_metrics()
-        row = {"epoch": epoch + 1, **stats, "epoch_seconds": seconds, "test_accuracy": test["accuracy"],
+        row = {"epoch": epoch + 1, "lr": lr, **stats, "epoch_seconds": seconds, "test_accuracy": test["accuracy"],
                "test_auc": test["auc"], "test_bag_mae": test["bag_mae"], "test_L": test["L"]}
         history.append(row)
         if main:

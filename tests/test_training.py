@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mlellp_ext import cli
-from mlellp_ext.train import METRIC_COLUMNS, TrainConfig, train
+from mlellp_ext.train import METRIC_COLUMNS, TrainConfig, lr_factor, train
 
 SMALL = dict(dataset="digits", backbone="cnn", width=0.25, num_bags=60, epochs=2, batch_size=64, quiet=True)
 
@@ -27,9 +27,9 @@ def test_every_method_trains_and_writes_files(tmp_path, method):
     torch.load(out / "model.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("estep", ["fresh", "recorded"])
-def test_resume_equals_uninterrupted(tmp_path, estep):
-    cfg = dict(SMALL, epochs=3, method="mle", estep=estep, tol=0.0)
+@pytest.mark.parametrize("estep,schedule", [("fresh", "constant"), ("recorded", "constant"), ("fresh", "cosine")])
+def test_resume_equals_uninterrupted(tmp_path, estep, schedule):
+    cfg = dict(SMALL, epochs=3, method="mle", estep=estep, tol=0.0, lr_schedule=schedule)
     full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))
     part = str(tmp_path / "part")
     train(TrainConfig(out=part, **cfg), stop_after_epochs=1)
@@ -71,3 +71,33 @@ def test_cli_errors(tmp_path, capsys):
     assert cli.main(["train", "--dataset", "npz", "--data-root", str(tmp_path / "missing.npz"),
                      "--out", str(tmp_path), "--quiet"]) == 2
     assert "missing.npz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["mle", "llpgan"])
+def test_cosine_schedule_sets_every_optimiser(tmp_path, monkeypatch, method):
+    import mlellp_ext.train as train_module
+
+    seen = []
+    original = train_module.Trainer.checkpoint_state
+
+    def spy(trainer, epoch, history):  # the learning rates the epoch ran with
+        opts = [trainer.optimizer, getattr(trainer.method, "g_optimizer", None)]
+        seen.append([g["lr"] for o in opts if o is not None for g in o.param_groups])
+        return original(trainer, epoch, history)
+
+    monkeypatch.setattr(train_module.Trainer, "checkpoint_state", spy)
+    cfg = dict(SMALL, epochs=4, method=method, tol=0.0, lr=2e-3, lr_schedule="cosine")
+    if method == "llpgan":
+        cfg["width"] = 0.125
+    history = train(TrainConfig(out=str(tmp_path / method), **cfg))
+    want = [2e-3 * lr_factor("cosine", e, 4) for e in range(4)]
+    assert [r["lr"] for r in history] == pytest.approx(want)
+    assert want[0] == pytest.approx(2e-3) and want[1] < want[0] and want[3] < want[2] < want[1]
+    for lrs, w in zip(seen, want):
+        assert lrs == pytest.approx([w] * len(lrs))
+    assert len(seen[0]) == (2 if method == "llpgan" else 1)
+
+
+def test_unknown_lr_schedule_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="--lr-schedule must be one of constant, cosine, got 'step'"):
+        train(TrainConfig(out=str(tmp_path / "x"), lr_schedule="step", **SMALL))
