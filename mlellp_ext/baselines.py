@@ -28,6 +28,7 @@ from .ops import bag_log_likelihood
 
 class _Baseline:
     converged = False  # only EM has a stopping rule; baselines run all epochs
+    own_optimizers = ()  # optimisers besides the trainer's (the learning-rate schedule sets them too)
 
     def state_dict(self):
         return {}

@@ -63,6 +63,7 @@ class EM:
     """The MLE-LLP method: state is phi (one soft target per training instance)."""
 
     name = "mle"
+    own_optimizers = ()  # optimisers besides the trainer's (the learning-rate schedule sets them too)
 
     def __init__(self, trainer, estep: str = "fresh", tol: float = 1e-4, min_epochs: int = 10):
         if estep not in ESTEP_MODES:

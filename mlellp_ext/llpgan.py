@@ -64,6 +64,7 @@ class LLPGAN(_Baseline):
         x = trainer.data.x
         self.generator = Generator(x.shape[1], x.shape[-2:], trainer.cfg.width).to(trainer.device)
         self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=trainer.cfg.lr, betas=(0.5, 0.999))
+        self.own_optimizers = (self.g_optimizer,)
 
     def state_dict(self):
         return {"generator": self.generator.state_dict(), "g_optimizer": self.g_optimizer.state_dict()}

@@ -416,8 +416,8 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
         if trainer.method.converged:
             break
         lr = cfg.lr * lr_factor(cfg.lr_schedule, epoch, cfg.epochs)
-        for opt in (trainer.optimizer, getattr(trainer.method, "g_optimizer", None)):  # LLP-GAN has two
-            for group in (opt.param_groups if opt is not None else ()):
+        for opt in (trainer.optimizer, *trainer.method.own_optimizers):
+            for group in opt.param_groups:
                 group["lr"] = lr
         t0 = time.perf_counter()
         stats = trainer.method.epoch(trainer)

@@ -81,8 +81,8 @@ def test_cosine_schedule_sets_every_optimiser(tmp_path, monkeypatch, method):
     original = train_module.Trainer.checkpoint_state
 
     def spy(trainer, epoch, history):  # the learning rates the epoch ran with
-        opts = [trainer.optimizer, getattr(trainer.method, "g_optimizer", None)]
-        seen.append([g["lr"] for o in opts if o is not None for g in o.param_groups])
+        opts = [trainer.optimizer] + ([trainer.method.g_optimizer] if method == "llpgan" else [])
+        seen.append([g["lr"] for o in opts for g in o.param_groups])
         return original(trainer, epoch, history)
 
     monkeypatch.setattr(train_module.Trainer, "checkpoint_state", spy)

@@ -26,7 +26,8 @@
 namespace mlellp {
 namespace {
 
-// Bags per task: small bags cost ~100 ns, so tasks need many of them.
+// Bags per task of posterior_backward: a bag costs a few ns per instance,
+// so tasks need many of them.
 constexpr int64_t kGrainBags = 512;
 // A bag whose rows are at least this wide is run by all threads together
 // (a ThreadTeam), so that one huge bag does not leave the other cores idle.
@@ -185,11 +186,13 @@ template <typename T, int L>
 struct Window {
   static constexpr int64_t kStride = kLaneMaxInstances + 1;  // key = n * kStride + y
   std::vector<int32_t> bucket_start, bucket_fill, bucket_group;
+  static constexpr int32_t kAlone = -1, kElsewhere = -2;  // keys of bags outside the lanes
   std::vector<int32_t> key, lane_of;                // per bag of the window: (n, y) key, group * L + lane
   std::vector<int64_t> group_n, group_y, group_at;  // per group; group_at: offset in z_lanes / phi_lanes
   std::vector<T, AlignedAllocator<T>> z_lanes, phi_lanes;  // [group][i][lane], read as vectors
   std::vector<T> log_lik;
-  std::vector<char> ok;
+  std::unique_ptr<bool[]> ok;  // per group and lane
+  int64_t ok_size = 0;
   detail::LaneWorkspace<T, L> ws;
 };
 
@@ -203,8 +206,10 @@ MLELLP_ALWAYS_INLINE void run_window(int64_t begin, int64_t end, const Work<T>& 
   w.lane_of.resize(static_cast<size_t>(bags));
   for (int64_t b = begin; b < end; ++b) {  // keys and bucket sizes
     const int64_t n = off[b + 1] - off[b];
-    int32_t key = -1;
-    if (n >= 1 && n <= kLaneMaxInstances && !work.elsewhere(b)) {
+    int32_t key = Window<T, L>::kAlone;
+    if (work.elsewhere(b)) {
+      key = Window<T, L>::kElsewhere;
+    } else if (n >= 1 && n <= kLaneMaxInstances) {
       key = static_cast<int32_t>(n * Window<T, L>::kStride + work.cnt[b]);
       ++w.bucket_start[key + 1];
     }
@@ -232,13 +237,16 @@ MLELLP_ALWAYS_INLINE void run_window(int64_t begin, int64_t end, const Work<T>& 
   w.z_lanes.assign(static_cast<size_t>(at), T(0));  // spare lanes keep logit 0
   w.phi_lanes.resize(static_cast<size_t>(at));
   w.log_lik.resize(static_cast<size_t>(groups * L));
-  w.ok.resize(static_cast<size_t>(groups * L));
+  if (w.ok_size < groups * L) {
+    w.ok_size = groups * L;
+    w.ok = std::make_unique<bool[]>(static_cast<size_t>(w.ok_size));
+  }
   // Gather in bag order; the window's other bags run now.
   w.bucket_fill.assign(w.bucket_start.begin(), w.bucket_start.end() - 1);
   for (int64_t b = begin; b < end; ++b) {
     const int32_t key = w.key[b - begin];
     if (key < 0) {
-      if (!work.elsewhere(b)) alone(b);
+      if (key == Window<T, L>::kAlone) alone(b);
       continue;
     }
     const int32_t rank = w.bucket_fill[key]++ - w.bucket_start[key];
@@ -250,10 +258,8 @@ MLELLP_ALWAYS_INLINE void run_window(int64_t begin, int64_t end, const Work<T>& 
     for (int64_t i = 0; i < n; ++i) dst[i * L] = src[i];
   }
   for (int64_t g = 0; g < groups; ++g) {
-    bool ok[L];
     detail::posterior_lanes<T, L>(w.group_n[g], w.group_y[g], w.z_lanes.data() + w.group_at[g],
-                                  w.phi_lanes.data() + w.group_at[g], w.log_lik.data() + g * L, ok, w.ws);
-    for (int l = 0; l < L; ++l) w.ok[g * L + l] = ok[l];
+                                  w.phi_lanes.data() + w.group_at[g], w.log_lik.data() + g * L, &w.ok[g * L], w.ws);
   }
   // Scatter in bag order; a lane whose scaled path failed (or whose logits
   // are not all finite) reruns its bag alone.
@@ -369,14 +375,13 @@ std::tuple<at::Tensor, at::Tensor> posterior_cpu(const at::Tensor& logits, const
     }
     std::stable_sort(work.own.begin(), work.own.end(),
                      [&](int64_t a, int64_t b) { return work.cells(a) > work.cells(b); });
-    const bool avx2 = use_avx2();
-    at::parallel_for(0, std::min<int64_t>(work.threads, work.items()), 1, [&](int64_t, int64_t) {
 #ifdef MLELLP_HAVE_AVX2_LANES
-      if (avx2) return work_avx2(work);
+    auto run = use_avx2() ? &work_avx2<scalar_t> : &work_baseline<scalar_t>;
+#else
+    auto run = &work_baseline<scalar_t>;
 #endif
-      work_baseline(work);
-    });
-    (void)avx2;
+    at::parallel_for(0, std::min<int64_t>(work.threads, work.items()), 1,
+                     [&](int64_t, int64_t) { run(work); });
   });
   return {phi.to(logits.scalar_type()), log_lik};
 }
