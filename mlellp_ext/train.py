@@ -1,7 +1,8 @@
 """The training loop shared by every method: data, model, epochs, metrics, checkpoints.
 
-A method (em.EM, baselines.*) implements ``epoch(trainer) -> dict`` and holds
-its own state; this module runs epochs, evaluates on the test bags, writes
+A method (em.EM, baselines.*) implements ``epoch(trainer) -> dict``, holds
+its own state and lists in ``own_optimizers`` any optimiser besides the
+trainer's (the learning-rate schedule sets them too); this module runs epochs, evaluates on the test bags, writes
 ``metrics.csv``, ``checkpoint.pt`` (atomically, every epoch), ``model.pt``,
 ``config.json`` and ``curves.png``, and resumes from a checkpoint.
 
