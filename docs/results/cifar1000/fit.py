@@ -13,12 +13,7 @@ import sys
 
 import torch
 
-from mlellp_ext.batches import infer_logits
-from mlellp_ext.train import TrainConfig, Trainer
-
-
-def accuracy(logits, y):
-    return float(((logits > 0).long() == y).float().mean())
+from mlellp_ext.train import TrainConfig, Trainer, bag_metrics
 
 
 def main(runs):
@@ -28,15 +23,14 @@ def main(runs):
         trainer = Trainer(cfg)  # rebuilds the same data, bags and split from the config
         state = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=True)
         trainer.model.load_state_dict(state["model"])
-        y = trainer.data.y
-        train, test = trainer.train_bags.index, trainer.test_bags.index
-        z_train = infer_logits(trainer.model, trainer.preprocess, train, 256)
-        z_test = infer_logits(trainer.model, trainer.preprocess, test, 256)
-        line = (f"{run} (epoch {int(state['epoch']) + 1}): train accuracy {accuracy(z_train, y[train]):.3f}, "
-                f"test accuracy {accuracy(z_test, y[test]):.3f}")
+        train, _, _ = bag_metrics(trainer.model, trainer.preprocess, trainer.data, trainer.train_bags, 256)
+        test, _, _ = bag_metrics(trainer.model, trainer.preprocess, trainer.data, trainer.test_bags, 256)
+        line = (f"{run} (epoch {int(state['epoch']) + 1}): train accuracy {train['accuracy']:.3f}, "
+                f"test accuracy {test['accuracy']:.3f}")
         phi = state["method"].get("phi")
         if phi is not None:
-            line += f", E-step targets on the true label's side of 0.5: {accuracy(phi - 0.5, y[train]):.3f}"
+            right = float(((phi > 0.5).long() == trainer.data.y[trainer.train_bags.index]).float().mean())
+            line += f", E-step targets on the true label's side of 0.5: {right:.3f}"
         print(line)
 
 
