@@ -1,0 +1,163 @@
+"""EM variants tried on the CIFAR-10 1,000-bag setting (README, "Training"); none is
+part of the package, since none closed the gap to supervised.
+
+Each variant is a method object for mlellp_ext.train (the same data, split,
+backbone, Adam, augmentation and cosine schedule as `mlellp train`), run on
+one thread. Run from the project root:
+
+    python docs/results/cifar1000/variants.py te --weight 10 --seed 0 --out runs/v/te10
+    python docs/results/cifar1000/variants.py cotrain --seed 0 --out runs/v/cotrain
+    python docs/results/cifar1000/variants.py restart --phi-from runs/v/plain/checkpoint.pt --seed 0 --out runs/v/restart
+    python docs/results/cifar1000/variants.py labels --fraction 0.335 --seed 0 --out runs/v/labels0.335
+    python docs/results/cifar1000/variants.py plain --seed 0 --out runs/v/plain
+
+* te       EM plus temporal-ensembling consistency (Laine & Aila 2017): weight *
+           exp(-5 (1 - t/20)^2) * mean (sigmoid(z) - Z)^2, Z the bias-corrected
+           moving average (0.6) of the instance's recorded probabilities.
+* cotrain  two networks (different initialisations), each trained on the E-step
+           targets computed from the *other* network's recorded logits; the
+           first is the one evaluated.
+* restart  EM from a freshly initialised network and optimiser, with the targets
+           phi of a finished run's checkpoint instead of y/n.
+* labels   supervised on a random --fraction of the training instances' labels
+           (0.335: the share of label information that the counts of bags of
+           2..12 carry, sum of H(Binomial(n, 1/2)) over sum of n bits).
+* plain    `mlellp train --method mle --estep recorded`, for comparison.
+"""
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mlellp_ext.train as T
+from mlellp_ext.em import EM, e_step
+
+
+class TemporalEnsembling(EM):
+    def __init__(self, trainer, weight, rampup=20, alpha=0.6):
+        super().__init__(trainer, estep="recorded", tol=0.0)
+        self.weight, self.rampup, self.alpha = weight, rampup, alpha
+        self.Z = torch.zeros_like(self.phi)
+
+    def epoch(self, trainer):
+        t0 = time.perf_counter()
+        model, bags, it = trainer.model, trainer.train_bags, self.iterations
+        w = self.weight * math.exp(-5 * (1 - min(it / self.rampup, 1.0)) ** 2) if it else 0.0
+        target = self.Z / (1 - self.alpha ** it) if it else self.Z
+        model.train()
+        recorded, total = torch.empty(bags.index.numel()), 0.0
+        for pos in trainer.instance_batches():
+            z = model(trainer.preprocess(bags.index[pos], train=True)).float()
+            loss = F.binary_cross_entropy_with_logits(z, self.phi[pos])
+            if w:
+                loss = loss + w * ((torch.sigmoid(z) - target[pos]) ** 2).mean()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            trainer.optimizer.step()
+            recorded[pos] = z.detach()
+            total += loss.item() * pos.numel()
+        self.Z = self.alpha * self.Z + (1 - self.alpha) * torch.sigmoid(recorded)
+        self.phi, L = e_step(recorded, bags.offsets, bags.counts)
+        self.iterations += 1
+        return _stats(total / recorded.numel(), L, t0)
+
+
+class CoTraining(EM):
+    def __init__(self, trainer):
+        super().__init__(trainer, estep="recorded", tol=0.0)
+        torch.manual_seed(trainer.cfg.seed + 12345)
+        self.other = T.build_backbone(trainer.cfg.backbone, trainer.data.x.shape[1], 1,
+                                      trainer.cfg.width).to(trainer.device)
+        self.other_optimizer = torch.optim.Adam(self.other.parameters(), lr=trainer.cfg.lr)
+        self.own_optimizers = (self.other_optimizer,)
+        self.other_phi = self.phi.clone()
+
+    def epoch(self, trainer):
+        t0 = time.perf_counter()
+        bags = trainer.train_bags
+        nets = ((trainer.model, trainer.optimizer, self.phi), (self.other, self.other_optimizer, self.other_phi))
+        recorded = [torch.empty(bags.index.numel()) for _ in nets]
+        total = 0.0
+        for net, _, _ in nets:
+            net.train()
+        for pos in trainer.instance_batches():
+            for k, (net, opt, phi) in enumerate(nets):
+                z = net(trainer.preprocess(bags.index[pos], train=True)).float()
+                loss = F.binary_cross_entropy_with_logits(z, phi[pos])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                recorded[k][pos] = z.detach()
+                total += loss.item() * pos.numel() if k == 0 else 0.0
+        self.phi, _ = e_step(recorded[1], bags.offsets, bags.counts)  # the evaluated network learns from the other's posterior
+        self.other_phi, L = e_step(recorded[0], bags.offsets, bags.counts)
+        self.iterations += 1
+        return _stats(total / bags.index.numel(), L, t0)
+
+
+class SupervisedFraction(EM):
+    def __init__(self, trainer, fraction):
+        super().__init__(trainer, estep="recorded", tol=0.0)
+        n = trainer.train_bags.index.numel()
+        self.subset = torch.randperm(n, generator=torch.Generator().manual_seed(trainer.cfg.seed + 99))[
+            : int(round(fraction * n))]
+        self.y = trainer.data.y[trainer.train_bags.index].float()
+
+    def epoch(self, trainer):
+        t0 = time.perf_counter()
+        model, bags = trainer.model, trainer.train_bags
+        model.train()
+        total = 0.0
+        order = self.subset[torch.randperm(self.subset.numel(), generator=trainer.generator)]
+        for pos in order.split(trainer.cfg.batch_size):
+            z = model(trainer.preprocess(bags.index[pos], train=True)).float()
+            loss = F.binary_cross_entropy_with_logits(z, self.y[pos])
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            trainer.optimizer.step()
+            total += loss.item() * pos.numel()
+        self.iterations += 1
+        return _stats(total / self.subset.numel(), float("nan"), t0)
+
+
+def _stats(loss, L, t0):
+    return {"train_loss": loss, "L": L, "m_step_seconds": time.perf_counter() - t0,
+            "inference_seconds": None, "e_step_seconds": None}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("variant", choices=("te", "cotrain", "restart", "labels", "plain"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight", type=float, default=10.0, help="te: consistency weight")
+    p.add_argument("--phi-from", help="restart: checkpoint.pt of a finished mle run")
+    p.add_argument("--fraction", type=float, default=0.335, help="labels: share of labelled instances")
+    p.add_argument("--data-root", default="../shared/data/cifar10_bird_cat_train.npz")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+
+    def make(cfg, trainer):
+        if a.variant == "te":
+            return TemporalEnsembling(trainer, a.weight)
+        if a.variant == "cotrain":
+            return CoTraining(trainer)
+        if a.variant == "labels":
+            return SupervisedFraction(trainer, a.fraction)
+        method = EM(trainer, estep="recorded", tol=0.0)
+        if a.variant == "restart":
+            method.phi = torch.load(a.phi_from, weights_only=True)["method"]["phi"].clone()
+        return method
+
+    T.make_method = make
+    torch.set_num_threads(1)
+    T.train(T.TrainConfig(out=a.out, dataset="npz", data_root=a.data_root, num_bags=1000, method="mle", width=0.5,
+                          epochs=a.epochs, batch_size=32, lr=a.lr, lr_schedule="cosine", estep="recorded",
+                          tol=0.0, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()
