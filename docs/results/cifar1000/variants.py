@@ -3,7 +3,8 @@ part of the package, since none closed the gap to supervised.
 
 Each variant is a method object for mlellp_ext.train (the same data, split,
 backbone, Adam, augmentation and cosine schedule as `mlellp train`), run on
-one thread. Run from the project root:
+one thread, without --resume (the checkpoints do not hold a variant's own
+state, such as cotrain's second network). Run from the project root:
 
     python docs/results/cifar1000/variants.py te --weight 10 --seed 0 --out runs/v/te10
     python docs/results/cifar1000/variants.py cotrain --seed 0 --out runs/v/cotrain
