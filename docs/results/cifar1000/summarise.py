@@ -2,7 +2,7 @@
 
 Each run folder here holds the config.json and metrics.csv that `mlellp train`
 wrote (seed S: sS/supervised and sS/mle-recorded). Run from this folder:
-    python summarise.py        # writes summary.md and accuracy.png
+    python summarise.py        # writes summary.md and accuracy.png (thin: each run, thick: mean)
 """
 import csv
 import glob
@@ -33,23 +33,32 @@ def main():
              "| seed | supervised | MLE-LLP | gap (points) |", "|---|---:|---:|---:|"]
     fig, ax = plt.subplots(figsize=(7, 4))
     finals = {m: [] for m, _ in METHODS}
-    for i, seed in enumerate(seeds):
-        for (method, label), style in zip(METHODS, ("-", "--")):
+    curves = {m: [] for m, _ in METHODS}
+    for seed in seeds:
+        for method, _ in METHODS:
             cfg, epochs, acc = read(os.path.join(seed, method))
+            assert cfg["seed"] == int(seed[1:]), (seed, cfg["seed"])
             finals[method].append(acc[-1])
-            ax.plot(epochs, acc, style, color=f"C{i}", label=f"{label}, seed {cfg['seed']}")
+            curves[method].append(acc)
+            # one thin line per run, so a seed that strays stays visible
+            ax.plot(epochs, acc, color="C0" if method == "supervised" else "C1", lw=0.6, alpha=0.5)
         sup, mle = finals["supervised"][-1], finals["mle-recorded"][-1]
         lines.append(f"| {seed[1:]} | {sup:.4f} | {mle:.4f} | {100 * (sup - mle):.1f} |")
+    for (method, label), colour in zip(METHODS, ("C0", "C1")):
+        mean_curve = [statistics.mean(c) for c in zip(*curves[method])]
+        ax.plot(range(1, len(mean_curve) + 1), mean_curve, color=colour, lw=2,
+                label=f"{label}, mean of {len(seeds)} seeds")
     sup, mle = (statistics.mean(finals[m]) for m, _ in METHODS)
     gaps = [100 * (a - b) for a, b in zip(finals["supervised"], finals["mle-recorded"])]
+    sem = statistics.stdev(gaps) / len(gaps) ** 0.5
     lines += [f"| mean | {sup:.4f} | {mle:.4f} | {statistics.mean(gaps):.1f} "
-              f"(sd {statistics.stdev(gaps):.1f}) |", ""]
+              f"(sd {statistics.stdev(gaps):.1f}, standard error {sem:.1f}) |", ""]
     with open("summary.md", "w") as f:
         f.write("\n".join(lines))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test instance accuracy")
     ax.set_title("CIFAR-10 bird/cat, 1,000 bags, cnn width 0.5, cosine lr, batch 32")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig("accuracy.png", dpi=120)
     print("\n".join(lines))
