@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = (("supervised", "supervised"), ("mle-recorded", "MLE-LLP (--estep recorded)"))
+COLOURS = {"supervised": "C0", "mle-recorded": "C1"}
 
 
 def read(run):
@@ -41,12 +42,12 @@ def main():
             finals[method].append(acc[-1])
             curves[method].append(acc)
             # one thin line per run, so a seed that strays stays visible
-            ax.plot(epochs, acc, color="C0" if method == "supervised" else "C1", lw=0.6, alpha=0.5)
+            ax.plot(epochs, acc, color=COLOURS[method], lw=0.6, alpha=0.5)
         sup, mle = finals["supervised"][-1], finals["mle-recorded"][-1]
         lines.append(f"| {seed[1:]} | {sup:.4f} | {mle:.4f} | {100 * (sup - mle):.1f} |")
-    for (method, label), colour in zip(METHODS, ("C0", "C1")):
+    for method, label in METHODS:
         mean_curve = [statistics.mean(c) for c in zip(*curves[method])]
-        ax.plot(range(1, len(mean_curve) + 1), mean_curve, color=colour, lw=2,
+        ax.plot(epochs, mean_curve, color=COLOURS[method], lw=2,
                 label=f"{label}, mean of {len(seeds)} seeds")
     sup, mle = (statistics.mean(finals[m]) for m, _ in METHODS)
     gaps = [100 * (a - b) for a, b in zip(finals["supervised"], finals["mle-recorded"])]
