@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import mlellp_ext.train as T
+from mlellp_ext.batches import Preprocess
 from mlellp_ext.em import EM, e_step
 
 
@@ -104,28 +105,27 @@ class CoTraining(EM):
         return _stats(total / bags.index.numel(), L, t0)
 
 
-class StrongAugment:
+class StrongAugment(Preprocess):
     """FixMatch's strong view (Sohn et al. 2020): RandAugment (2 ops, magnitude 10),
     flip, reflect-pad-4 translation, then a cutout of up to a quarter of the image."""
 
-    def __init__(self, x):
+    def __init__(self, x, device):
         from torchvision.transforms import v2
 
-        self.x = x
+        super().__init__(x, is_rgb=True, augment=True, device=device)
         self.augment = v2.Compose([v2.RandAugment(num_ops=2, magnitude=10), v2.RandomHorizontalFlip(),
                                    v2.RandomCrop(x.shape[-1], padding=4, padding_mode="reflect")])
         self.erase = v2.RandomErasing(p=1.0, scale=(0.02, 0.25), value=0)
 
     def __call__(self, index):
-        x = torch.stack([self.augment(img) for img in self.x[index]]).float() / 255.0
-        return torch.stack([self.erase(img) for img in (x - 0.5) / 0.5])
+        return torch.stack([self.erase(img) for img in super().__call__(index, train=True)])
 
 
 class FixMatch(EM):
     def __init__(self, trainer, weight, threshold):
         super().__init__(trainer, estep="recorded", tol=0.0)
         self.weight, self.threshold = weight, threshold
-        self.strong = StrongAugment(trainer.data.x)
+        self.strong = StrongAugment(trainer.data.x, trainer.device)
 
     def epoch(self, trainer):
         t0 = time.perf_counter()
