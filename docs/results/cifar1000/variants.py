@@ -254,6 +254,8 @@ def main():
     p.add_argument("--data-root", default="../shared/data/cifar10_bird_cat_train.npz")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    if a.init and a.variant not in ("plain", "supervised"):
+        p.error(f"--init {a.init}: applies to plain and supervised only, not {a.variant}")
     torch.set_num_threads(1)
     if a.variant == "rotnet":
         return rotnet(a)
