@@ -117,9 +117,13 @@ def _train(args):
 
 
 def _model_and_bags(args):
-    from .data import Bags
+    from .data import Bags, DataError
     from .train import TrainConfig, load_data, load_model
 
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not os.path.isfile(args.model):
+        raise DataError(f"--model {args.model}: no such file")
     model, payload = load_model(args.model, args.device)
     cfg = TrainConfig(**payload["config"])
     overrides = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}

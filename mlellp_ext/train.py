@@ -24,7 +24,7 @@ import torch
 
 from . import distributed
 from .batches import Preprocess, infer_logits
-from .data import BagDataset, load_dataset, parse_bag_size, subset_bags
+from .data import BagDataset, DataError, load_dataset, parse_bag_size, subset_bags
 from .models import build_backbone
 
 METHODS = ("mle", "mle-direct", "dllp", "supervised", "llpgan")
@@ -80,13 +80,32 @@ class TrainConfig:
     resume: bool = False
 
 
+def check_options(cfg: TrainConfig) -> None:
+    """Reject out-of-range numeric options with the option's name and value, before
+    any work (else they surface later as an IndexError or a torch error)."""
+    def bad(option, value, need):
+        raise DataError(f"{option} must be {need}, got {value!r}")
+
+    for option, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
+        if value < 1:
+            bad(option, value, "at least 1")
+    if cfg.min_epochs < 0:
+        bad("--min-epochs", cfg.min_epochs, "non-negative")
+    for option, value in (("--lr", cfg.lr), ("--width", cfg.width)):
+        if not (math.isfinite(value) and value > 0):
+            bad(option, value, "a positive number")
+    for option, value in (("--weight-decay", cfg.weight_decay), ("--tol", cfg.tol)):
+        if not (math.isfinite(value) and value >= 0):
+            bad(option, value, "a non-negative number")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise DataError(f"--device must be auto, cpu or cuda, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available")
+        raise DataError(f"--device {name}: no CUDA device is available")
     return torch.device(name)
 
 
@@ -153,7 +172,7 @@ class Trainer:
         self.dataset = load_data(cfg)
         self.data, self.train_bags, self.test_bags = self.dataset.data, self.dataset.train, self.dataset.test
         if self.train_bags.offsets.numel() < 2:
-            raise ValueError("no training bags: check --num-bags, --bag-size and --test-fraction")
+            raise DataError("no training bags: check --num-bags, --bag-size and --test-fraction")
         if self.world.distributed:
             self._shard()
         in_channels = self.data.x.shape[1]
@@ -382,6 +401,7 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
     Under torchrun (WORLD_SIZE > 1) every process runs this: it joins the process
     group (created here unless one exists; distributed.shutdown() destroys it),
     trains on its shard of the bags, and only rank 0 writes files and shows progress."""
+    check_options(cfg)
     world = distributed.setup(cfg.device)
     main = world.is_main
     if main:

@@ -73,6 +73,34 @@ def test_cli_errors(tmp_path, capsys):
     assert "missing.npz" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--epochs", "0", "--epochs must be at least 1, got 0"),
+    ("--batch-size", "-4", "--batch-size must be at least 1, got -4"),
+    ("--lr", "-0.1", "--lr must be a positive number, got -0.1"),
+    ("--lr", "nan", "--lr must be a positive number, got nan"),
+    ("--width", "0", "--width must be a positive number, got 0.0"),
+    ("--weight-decay", "-1", "--weight-decay must be a non-negative number, got -1.0"),
+    ("--tol", "inf", "--tol must be a non-negative number, got inf"),
+    ("--min-epochs", "-1", "--min-epochs must be non-negative, got -1"),
+])
+def test_cli_rejects_out_of_range_options(tmp_path, capsys, option, value, message):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "digits", option, value, "--out", str(out), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # rejected before any work
+
+
+def test_cli_evaluate_errors(tmp_path, capsys):
+    assert cli.main(["evaluate", "--model", str(tmp_path / "nope.pt")]) == 2
+    assert "--model" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "digits", "--num-bags", "20", "--epochs", "1", "--width", "0.25",
+                     "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["predict", "--model", str(out / "model.pt"), "--batch-size", "0",
+                     "--out", str(tmp_path / "p.csv")]) == 2
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["mle", "llpgan"])
 def test_cosine_schedule_sets_every_optimiser(tmp_path, monkeypatch, method):
     import mlellp_ext.train as train_module
