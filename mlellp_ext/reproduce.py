@@ -29,6 +29,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 
+from .data import DataError
 from .train import TrainConfig, train
 
 METHODS = ("supervised", "dllp", "llpgan", "mle")
@@ -289,7 +290,9 @@ def run(args):
     args.methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        raise DataError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if not os.path.exists(args.data_root):  # else a missing .npz would be taken for a CIFAR-10 folder
+        raise DataError(f"--data-root {args.data_root}: no such file or folder")
     os.makedirs(args.out, exist_ok=True)
     curves_rows = None
     if args.experiment in ("curves", "all"):

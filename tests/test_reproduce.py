@@ -51,6 +51,11 @@ def test_reproduce_all_experiments_tiny(tmp_path, tiny_npz):
     assert (work / "curves" / "mle" / "rep0" / "model.pt").stat().st_mtime == mtime
 
 
-def test_reproduce_rejects_unknown_method(tmp_path, tiny_npz):
-    with pytest.raises(ValueError, match="unknown"):
-        cli.main(["reproduce", "--data-root", tiny_npz, "--out", str(tmp_path), "--methods", "mle,foo"])
+def test_reproduce_rejects_unknown_method_and_missing_data(tmp_path, tiny_npz, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["reproduce", "--data-root", tiny_npz, "--out", str(out), "--methods", "mle,foo"]) == 2
+    assert "--methods: unknown ['foo']" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.npz")  # not to be taken for a CIFAR-10 folder
+    assert cli.main(["reproduce", "--data-root", missing, "--out", str(out)]) == 2
+    assert f"--data-root {missing}: no such file or folder" in capsys.readouterr().err
+    assert not out.exists()
