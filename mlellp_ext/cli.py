@@ -127,6 +127,8 @@ def _model_and_bags(args):
     model, payload = load_model(args.model, args.device)
     cfg = TrainConfig(**payload["config"])
     overrides = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
+    if overrides.get("dataset", cfg.dataset) != cfg.dataset:  # another dataset: none of the stored one's files
+        cfg = dataclasses.replace(cfg, data_root=None, classes=None, download=False, test_root=None, counts_file=None)
     cfg = dataclasses.replace(cfg, **overrides)
     dataset = load_data(cfg)
     if args.split == "all":

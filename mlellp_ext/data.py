@@ -534,9 +534,11 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
     Args:
         name: one of ``DATASETS``.
         data_root: the .npz file (npz), CIFAR-10 folder (cifar10), faces folder
-            (family-faces) or instances CSV (manifest); unused for digits.
-        classes: ``"A,B"``: keep classes A (label 0) and B (label 1), by name or label value.
-        download: allow torchvision to download CIFAR-10; nothing else downloads.
+            (family-faces) or instances CSV (manifest); must be None for digits.
+        classes: ``"A,B"``: keep classes A (label 0) and B (label 1), by name or label
+            value (npz and cifar10 only).
+        download: allow torchvision to download CIFAR-10 (cifar10 only); nothing else
+            downloads.
         bag_size: ``(lo, hi)`` inclusive range of random bag sizes.
         num_bags: number of random bags (None: as many as fit); for family-faces
             and manifest, keep only the first ``num_bags`` given bags.
@@ -546,6 +548,8 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
             all bags of ``data_root`` train); cifar10: ``"official"`` takes test
             bags from the CIFAR-10 test set.
         counts_file: manifest: CSV ``bag,count``.
+
+    An option given to a dataset that does not use it raises DataError.
     """
     gen = torch.Generator().manual_seed(int(seed))
     if not 0.0 <= float(test_fraction) < 1.0:
@@ -554,6 +558,15 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
         bag_size = _check_size_range(bag_size)
     if test_root is not None and name not in ("npz", "cifar10"):
         raise DataError(f"--test-root is only supported for npz and cifar10, not {name}")
+    # An option the dataset would ignore is an error: `--data-root cifar.npz` without
+    # `--dataset npz` would otherwise train on the default digits without a word.
+    for option, value, takers in (("--data-root", data_root, ("npz", "cifar10", "family-faces", "manifest")),
+                                  ("--classes", classes, ("npz", "cifar10")),
+                                  ("--counts-file", counts_file, ("manifest",)),
+                                  ("--download", download or None, ("cifar10",))):
+        if value is not None and name in DATASETS and name not in takers:
+            given = option if value is True else f"{option} {value}"
+            raise DataError(f"{given} does not apply to --dataset {name} (only to {', '.join(takers)})")
 
     if name == "digits":
         data = _load_digits()

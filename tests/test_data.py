@@ -147,6 +147,19 @@ def test_digits():
         load_dataset("mnist")
 
 
+@pytest.mark.parametrize("name, option, message", [
+    ("digits", dict(data_root="cifar.npz"), "--data-root cifar.npz does not apply to --dataset digits"),
+    ("digits", dict(classes="bird,cat"), "--classes bird,cat does not apply to --dataset digits"),
+    ("digits", dict(download=True), "--download does not apply to --dataset digits"),
+    ("npz", dict(data_root="x.npz", counts_file="c.csv"), "--counts-file c.csv does not apply to --dataset npz"),
+    ("manifest", dict(data_root="i.csv", classes="0,1"), "--classes 0,1 does not apply to --dataset manifest"),
+])
+def test_options_a_dataset_does_not_use_are_errors(name, option, message):
+    # Else `--data-root cifar.npz` without `--dataset npz` trains on digits without a word.
+    with pytest.raises(DataError, match=message):
+        load_dataset(name, **option)
+
+
 # ---------------------------------------------------------------------------
 # npz
 
