@@ -35,10 +35,10 @@ def _add_data_options(p, defaults: bool):
                         "(x uint8 NxHxWxC, y); cifar10: torchvision CIFAR10 under --data-root; family-faces: a folder "
                         "of BAGID-...{f|m}.EXT crops; manifest: --data-root instances.csv (path,bag[,label]) "
                         "with --counts-file counts.csv (bag,count)")
-    g.add_argument("--data-root", default=None, help="file or folder of the dataset")
-    g.add_argument("--classes", default=None, help="two classes A,B when the labels have more (A -> 0, B -> 1)")
+    g.add_argument("--data-root", default=None, help="file or folder of the dataset (not for digits)")
+    g.add_argument("--classes", default=None, help="npz, cifar10: two classes A,B when the labels have more (A -> 0, B -> 1)")
     g.add_argument("--download", action="store_true", default=None if not defaults else False,
-                   help="allow torchvision to download CIFAR-10 (never done otherwise)")
+                   help="cifar10: allow torchvision to download CIFAR-10 (never done otherwise)")
     g.add_argument("--test-root", default=None, help="separate test data in the same format (instead of a split)")
     g.add_argument("--counts-file", default=None, help="manifest: CSV of bag counts (bag,count)")
     g.add_argument("--bag-size", default=d("2:12"), help="bag sizes LO:HI, uniform (default 2:12)")
