@@ -91,6 +91,8 @@ def check_options(cfg: TrainConfig) -> None:
             bad(option, value, "at least 1")
     if cfg.min_epochs < 0:
         bad("--min-epochs", cfg.min_epochs, "non-negative")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise DataError(f"--out {cfg.out} exists and is not a folder")
     for option, value in (("--lr", cfg.lr), ("--width", cfg.width)):
         if not (math.isfinite(value) and value > 0):
             bad(option, value, "a positive number")
@@ -404,8 +406,6 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
     check_options(cfg)
     world = distributed.setup(cfg.device)
     main = world.is_main
-    if main:
-        os.makedirs(cfg.out, exist_ok=True)
     trainer = Trainer(cfg, world)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     history, start = [], 0
@@ -413,6 +413,8 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
         state = trainer.load_checkpoint(ckpt_path)
         history, start = trainer.restore(state), int(state["epoch"]) + 1
         del state
+    if main:  # only now: a run whose data or checkpoint fail to load leaves no folder behind
+        os.makedirs(cfg.out, exist_ok=True)
     if world.distributed:
         write_shards(trainer)
     if main:

@@ -73,6 +73,26 @@ def test_cli_errors(tmp_path, capsys):
     assert "missing.npz" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "npz", "--data-root", "{tmp}/missing.npz"], "missing.npz"),
+    (["--dataset", "digits", "--resume"], "--resume: no checkpoint at {out}"),
+])
+def test_cli_failed_load_leaves_no_out_folder(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert cli.main(["train", *args, "--num-bags", "20", "--out", str(out), "--quiet"]) == 2
+    assert message.format(out=out) in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_out_must_be_a_folder(tmp_path, capsys):
+    out = tmp_path / "run.txt"
+    out.write_text("keep me")
+    assert cli.main(["train", "--dataset", "digits", "--out", str(out), "--quiet"]) == 2
+    assert f"--out {out} exists and is not a folder" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--epochs", "0", "--epochs must be at least 1, got 0"),
     ("--batch-size", "-4", "--batch-size must be at least 1, got -4"),
