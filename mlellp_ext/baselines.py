@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .data import DataError
 from .em import e_step, m_step
 from .ops import bag_log_likelihood
 
@@ -52,7 +53,7 @@ class Supervised(_Baseline):
     def __init__(self, trainer):
         y = trainer.data.y
         if y is None:
-            raise ValueError("--method supervised needs instance labels, and this dataset has none")
+            raise DataError("--method supervised needs instance labels, and this dataset has none")
         self.targets = y[trainer.train_bags.index].float()
 
     def epoch(self, trainer):

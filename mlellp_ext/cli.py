@@ -1,4 +1,4 @@
-"""The ``mlellp`` command: train, evaluate, predict.
+"""The ``mlellp`` command: train, evaluate, predict, reproduce.
 
     mlellp train --dataset digits --method mle --out runs/digits-mle
     mlellp evaluate --model runs/digits-mle/model.pt
@@ -15,6 +15,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -28,8 +29,12 @@ DATA_OPTIONS = ("dataset", "data_root", "classes", "download", "test_root", "cou
 
 
 def _add_data_options(p, defaults: bool):
+    """train's data options; for evaluate/predict (defaults=False) each one left out is
+    the model's own, from the config stored in model.pt."""
     d = (lambda v: v) if defaults else (lambda v: None)
-    g = p.add_argument_group("data")
+    dflt = (lambda text: f" (default {text})") if defaults else (lambda text: "")
+    g = p.add_argument_group("data", None if defaults else
+                             "each option left out is the one the model was trained with")
     g.add_argument("--dataset", choices=DATASETS, default=d("digits"),
                    help="digits: scikit-learn's bundled digits (label: digit >= 5); npz: --data-root FILE.npz "
                         "(x uint8 NxHxWxC, y); cifar10: torchvision CIFAR10 under --data-root; family-faces: a folder "
@@ -39,12 +44,20 @@ def _add_data_options(p, defaults: bool):
     g.add_argument("--classes", default=None, help="npz, cifar10: two classes A,B when the labels have more (A -> 0, B -> 1)")
     g.add_argument("--download", action="store_true", default=None if not defaults else False,
                    help="cifar10: allow torchvision to download CIFAR-10 (never done otherwise)")
-    g.add_argument("--test-root", default=None, help="separate test data in the same format (instead of a split)")
+    g.add_argument("--test-root", default=None,
+                   help="test bags from separate data instead of a split: npz: a second .npz file; cifar10: "
+                        "'official' (the CIFAR-10 test set); then every bag of --data-root trains")
     g.add_argument("--counts-file", default=None, help="manifest: CSV of bag counts (bag,count)")
-    g.add_argument("--bag-size", default=d("2:12"), help="bag sizes LO:HI, uniform (default 2:12)")
-    g.add_argument("--num-bags", type=int, default=None, help="number of bags (default: as many as fit)")
-    g.add_argument("--test-fraction", type=float, default=d(0.2), help="fraction of bags for testing (default 0.2)")
-    g.add_argument("--seed", type=int, default=d(0), help="seed of bags, split, initialisation and shuffling")
+    g.add_argument("--bag-size", default=None,
+                   help="digits, npz, cifar10: random bag sizes LO:HI, uniform" + dflt("2:12") +
+                        "; family-faces and manifest bags are given")
+    g.add_argument("--num-bags", type=int, default=None,
+                   help="number of bags" + dflt("as many as fit") + "; with --test-root, of training bags; "
+                        "family-faces, manifest: the first N given bags")
+    g.add_argument("--test-fraction", type=float, default=None,
+                   help="fraction of bags for testing" + dflt("0.2") + "; not with --test-root")
+    g.add_argument("--seed", type=int, default=d(0), help="seed of bags, split, initialisation and shuffling"
+                   + dflt("0") if defaults else "seed of bags and split")
 
 
 def build_parser():
@@ -130,6 +143,12 @@ def _model_and_bags(args):
     if overrides.get("dataset", cfg.dataset) != cfg.dataset:  # another dataset: none of the stored one's files
         cfg = dataclasses.replace(cfg, data_root=None, classes=None, download=False, test_root=None, counts_file=None)
     cfg = dataclasses.replace(cfg, **overrides)
+    # Stored values that the data now named would reject (a config may hold the old defaults):
+    # given bags have no sizes, and a separate test set no split.
+    if cfg.dataset in ("family-faces", "manifest") and "bag_size" not in overrides:
+        cfg = dataclasses.replace(cfg, bag_size=None)
+    if cfg.test_root is not None and "test_fraction" not in overrides:
+        cfg = dataclasses.replace(cfg, test_fraction=None)
     dataset = load_data(cfg)
     if args.split == "all":
         import torch
@@ -158,7 +177,9 @@ def _evaluate(args):
     model, dataset, bags = _model_and_bags(args)
     metrics, _, _ = bag_metrics(model, _preprocess(model, dataset), dataset.data, bags, args.batch_size)
     metrics["split"] = args.split
-    print(json.dumps(metrics, indent=2))
+    # Strict JSON: a metric that is undefined here (no labels, one class only) is null, not NaN.
+    metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+    print(json.dumps(metrics, indent=2, allow_nan=False))
 
 
 def _predict(args):

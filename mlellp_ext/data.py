@@ -56,6 +56,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 FACE_SIZE = (96, 120)  # (width, height) of family-faces crops after resizing
 
 
+DEFAULT_BAG_SIZE = (2, 12)  # random bags, as in the seed paper
+DEFAULT_TEST_FRACTION = 0.2
+
+
 class DataError(ValueError):
     """A bad dataset, file or option; the message names the file and line where there is one."""
 
@@ -526,8 +530,8 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
 
 
 def load_dataset(name: str, *, data_root: str | None = None, classes: str | None = None,
-                 download: bool = False, bag_size: tuple[int, int] = (2, 12), num_bags: int | None = None,
-                 test_fraction: float = 0.2, seed: int = 0, test_root: str | None = None,
+                 download: bool = False, bag_size: tuple[int, int] | None = None, num_bags: int | None = None,
+                 test_fraction: float | None = None, seed: int = 0, test_root: str | None = None,
                  counts_file: str | None = None) -> BagDataset:
     """Load instances, form bags and split them into train and test; see the module docstring.
 
@@ -539,10 +543,14 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
             value (npz and cifar10 only).
         download: allow torchvision to download CIFAR-10 (cifar10 only); nothing else
             downloads.
-        bag_size: ``(lo, hi)`` inclusive range of random bag sizes.
+        bag_size: ``(lo, hi)`` inclusive range of random bag sizes (digits, npz,
+            cifar10; None: ``DEFAULT_BAG_SIZE``, 2..12). family-faces and manifest
+            have their bags given.
         num_bags: number of random bags (None: as many as fit); for family-faces
-            and manifest, keep only the first ``num_bags`` given bags.
-        test_fraction: fraction of bags held out for testing, in [0, 1).
+            and manifest, keep only the first ``num_bags`` given bags. With
+            ``test_root`` it counts the training bags only.
+        test_fraction: fraction of bags held out for testing, in [0, 1) (None:
+            ``DEFAULT_TEST_FRACTION``, 0.2); not with ``test_root``.
         seed: seeds the one generator behind every random choice.
         test_root: npz: a second .npz whose random bags are the test set (then
             all bags of ``data_root`` train); cifar10: ``"official"`` takes test
@@ -552,21 +560,27 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
     An option given to a dataset that does not use it raises DataError.
     """
     gen = torch.Generator().manual_seed(int(seed))
-    if not 0.0 <= float(test_fraction) < 1.0:
-        raise DataError(f"test fraction must be in [0, 1), got {test_fraction}")
-    if name not in ("family-faces", "manifest"):
-        bag_size = _check_size_range(bag_size)
     if test_root is not None and name not in ("npz", "cifar10"):
         raise DataError(f"--test-root is only supported for npz and cifar10, not {name}")
     # An option the dataset would ignore is an error: `--data-root cifar.npz` without
     # `--dataset npz` would otherwise train on the default digits without a word.
+    sizes = None if bag_size is None else ":".join(str(v) for v in bag_size)
     for option, value, takers in (("--data-root", data_root, ("npz", "cifar10", "family-faces", "manifest")),
                                   ("--classes", classes, ("npz", "cifar10")),
                                   ("--counts-file", counts_file, ("manifest",)),
-                                  ("--download", download or None, ("cifar10",))):
+                                  ("--download", download or None, ("cifar10",)),
+                                  ("--bag-size", sizes, ("digits", "npz", "cifar10"))):
         if value is not None and name in DATASETS and name not in takers:
             given = option if value is True else f"{option} {value}"
             raise DataError(f"{given} does not apply to --dataset {name} (only to {', '.join(takers)})")
+    if test_root is not None and test_fraction is not None:
+        raise DataError(f"--test-fraction {test_fraction} does not apply with --test-root "
+                        f"(the test bags come from {test_root})")
+    test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise DataError(f"test fraction must be in [0, 1), got {test_fraction}")
+    if name not in ("family-faces", "manifest"):
+        bag_size = _check_size_range(DEFAULT_BAG_SIZE if bag_size is None else bag_size)
 
     if name == "digits":
         data = _load_digits()

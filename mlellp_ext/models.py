@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .data import DataError
+
 BACKBONES = ("cnn", "resnet18")
 
 
@@ -63,7 +65,7 @@ class ResNet18(nn.Module):
             missing, unexpected = net.load_state_dict(state, strict=False)
             bad = [k for k in missing if not k.startswith("fc.")]
             if bad or unexpected:
-                raise ValueError(f"--weights {weights}: not a resnet18 state_dict "
+                raise DataError(f"--weights {weights}: not a resnet18 state_dict "
                                  f"(missing {bad[:3]}, unexpected {list(unexpected)[:3]})")
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)

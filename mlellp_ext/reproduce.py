@@ -267,7 +267,7 @@ def add_arguments(p):
     p.add_argument("--experiment", choices=EXPERIMENTS + ("all",), default="all")
     p.add_argument("--profile", choices=tuple(PROFILES), default="cpu")
     p.add_argument("--data-root", required=True, help="CIFAR-10 bird/cat .npz, or a torchvision CIFAR-10 folder")
-    p.add_argument("--classes", default=None, help="two classes A,B where the data have more (CIFAR-10 folder: bird,cat)")
+    p.add_argument("--classes", default=None, help="two classes A,B where the data have more (a CIFAR-10 folder needs them, e.g. bird,cat)")
     p.add_argument("--out", default=os.path.join("docs", "results"), help="CSV, PNG and Markdown go here")
     p.add_argument("--work", default=os.path.join("runs", "reproduce"), help="the training runs go here")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))

@@ -58,9 +58,9 @@ class TrainConfig:
     download: bool = False
     test_root: str | None = None
     counts_file: str | None = None
-    bag_size: str = "2:12"
+    bag_size: str | None = None  # None: the dataset's default (2:12 for random bags; given bags as they are)
     num_bags: int | None = None
-    test_fraction: float = 0.2
+    test_fraction: float | None = None  # None: 0.2, or none with test_root
     method: str = "mle"
     backbone: str = "cnn"
     width: float = 1.0
@@ -93,6 +93,13 @@ def check_options(cfg: TrainConfig) -> None:
         bad("--min-epochs", cfg.min_epochs, "non-negative")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise DataError(f"--out {cfg.out} exists and is not a folder")
+    # Combinations the backbone or method would refuse only after the data have loaded.
+    if cfg.weights is not None and cfg.backbone != "resnet18":
+        raise DataError(f"--weights applies to --backbone resnet18 only, got --backbone {cfg.backbone}")
+    if cfg.weights is not None and not os.path.isfile(cfg.weights):
+        raise DataError(f"--weights {cfg.weights}: no such file")
+    if cfg.method == "llpgan" and cfg.backbone != "cnn":
+        raise DataError(f"--method llpgan uses --backbone cnn (LLP-GAN's discriminator), got {cfg.backbone}")
     for option, value in (("--lr", cfg.lr), ("--width", cfg.width)):
         if not (math.isfinite(value) and value > 0):
             bad(option, value, "a positive number")
@@ -114,19 +121,21 @@ def resolve_device(name: str) -> torch.device:
 def load_data(cfg) -> BagDataset:
     """The dataset and its bags, from the data options of a config (train or model.pt)."""
     return load_dataset(cfg.dataset, data_root=cfg.data_root, classes=cfg.classes, download=cfg.download,
-                        bag_size=parse_bag_size(cfg.bag_size), num_bags=cfg.num_bags,
+                        bag_size=None if cfg.bag_size is None else parse_bag_size(cfg.bag_size), num_bags=cfg.num_bags,
                         test_fraction=cfg.test_fraction, seed=cfg.seed, test_root=cfg.test_root,
                         counts_file=cfg.counts_file)
 
 
-def bag_metrics(model, preprocess, data, bags, batch_size) -> dict:
-    """Instance accuracy and AUC (when labels are known), bag-count MAE and mean bag
-    log-likelihood on `bags`, from one inference pass."""
+def bag_metrics(model, preprocess, data, bags, batch_size) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Instance accuracy and AUC (NaN without labels or with one class only), bag-count
+    MAE and mean bag log-likelihood on `bags`, from one inference pass. Returns
+    ``(metrics, prob, expected)``: the metrics dict, each instance's probability (in
+    the order of ``bags.index``) and each bag's expected count."""
     logits = infer_logits(model, preprocess, bags.index, batch_size)
     return metrics_from_logits(logits, data, bags)
 
 
-def metrics_from_logits(logits, data, bags) -> dict:
+def metrics_from_logits(logits, data, bags) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """bag_metrics() from the logits of the instances ``bags.index``."""
     from .ops import posterior
 

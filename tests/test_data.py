@@ -141,6 +141,9 @@ def test_digits():
     assert torch.equal(same.train.index, ds.train.index) and same.test.bag_ids == ds.test.bag_ids
     other = load_dataset("digits", seed=1)
     assert not torch.equal(other.train.index[:100], ds.train.index[:100])
+    # None (the CLI's "not given") means 2..12 and a 0.2 test split
+    assert torch.equal(load_dataset("digits", seed=0, bag_size=(2, 12), test_fraction=0.2).train.index,
+                       ds.train.index)
     few = load_dataset("digits", num_bags=30, bag_size=(4, 4))
     assert len(few.train.bag_ids) + len(few.test.bag_ids) == 30 and len(few.test.bag_ids) == 6
     with pytest.raises(DataError, match="unknown dataset"):
@@ -153,6 +156,10 @@ def test_digits():
     ("digits", dict(download=True), "--download does not apply to --dataset digits"),
     ("npz", dict(data_root="x.npz", counts_file="c.csv"), "--counts-file c.csv does not apply to --dataset npz"),
     ("manifest", dict(data_root="i.csv", classes="0,1"), "--classes 0,1 does not apply to --dataset manifest"),
+    ("family-faces", dict(data_root="faces", bag_size=(3, 5)), "--bag-size 3:5 does not apply to --dataset family-faces"),
+    ("manifest", dict(data_root="i.csv", bag_size=(2, 2)), "--bag-size 2:2 does not apply to --dataset manifest"),
+    ("npz", dict(data_root="x.npz", test_root="t.npz", test_fraction=0.3),
+     "--test-fraction 0.3 does not apply with --test-root"),
 ])
 def test_options_a_dataset_does_not_use_are_errors(name, option, message):
     # Else `--data-root cifar.npz` without `--dataset npz` trains on digits without a word.

@@ -85,6 +85,81 @@ def test_cli_failed_load_leaves_no_out_folder(tmp_path, capsys, args, message):
     assert not out.exists()
 
 
+def unlabelled_manifest(tmp_path, bags=6):
+    """A manifest of random 8x6 images in `bags` bags of 3, without instance labels."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    (tmp_path / "img").mkdir()
+    rows, counts = ["path,bag"], ["bag,count"]
+    for b in range(bags):
+        for i in range(3):
+            pixels = torch.randint(0, 256, (6, 8, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "img" / f"{b}-{i}.png")
+            rows.append(f"img/{b}-{i}.png,g{b}")
+        counts.append(f"g{b},{b % 4}")
+    (tmp_path / "inst.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "counts.csv").write_text("\n".join(counts) + "\n")
+    return ["--dataset", "manifest", "--data-root", str(tmp_path / "inst.csv"),
+            "--counts-file", str(tmp_path / "counts.csv")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "w.pt"], "--weights applies to --backbone resnet18 only, got --backbone cnn"),
+    (["--backbone", "resnet18", "--weights", "{tmp}/missing.pt"], "--weights {tmp}/missing.pt: no such file"),
+    (["--method", "llpgan", "--backbone", "resnet18"], "--method llpgan uses --backbone cnn"),
+])
+def test_cli_rejects_backbone_and_method_combinations(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert cli.main(["train", "--dataset", "digits", *args, "--out", str(out), "--quiet"]) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_without_instance_labels(tmp_path, capsys):
+    data = unlabelled_manifest(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["train", *data, "--method", "supervised", "--out", str(out), "--quiet"]) == 2
+    assert "--method supervised needs instance labels" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main(["train", *data, "--epochs", "1", "--width", "0.25", "--test-fraction", "0.5",
+                     "--out", str(out), "--quiet"]) == 0
+    assert json.load(open(out / "config.json"))["bag_size"] is None  # given bags: no sizes stored
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(out / "model.pt")]) == 0
+    text = capsys.readouterr().out
+    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert metrics["accuracy"] is None and metrics["auc"] is None and metrics["n_bags"] == 3
+    assert metrics["bag_mae"] >= 0
+    # A model whose config holds the old defaults (bag_size 2:12) still evaluates on its given bags.
+    payload = torch.load(out / "model.pt", weights_only=True)
+    payload["config"]["bag_size"] = "2:12"
+    torch.save(payload, out / "model.pt")
+    assert cli.main(["evaluate", "--model", str(out / "model.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["n_bags"] == 3
+
+
+def test_cli_test_root_takes_no_test_fraction(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, n in (("train.npz", 40), ("test.npz", 20)):
+        np.savez(tmp_path / name, x=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), y=np.arange(n) % 2)
+    data = ["--dataset", "npz", "--data-root", str(tmp_path / "train.npz"), "--test-root", str(tmp_path / "test.npz"),
+            "--bag-size", "4:4"]
+    out = tmp_path / "run"
+    assert cli.main(["train", *data, "--test-fraction", "0.2", "--out", str(out), "--quiet"]) == 2
+    assert "--test-fraction 0.2 does not apply with --test-root" in capsys.readouterr().err
+    assert cli.main(["train", *data, "--epochs", "1", "--width", "0.25", "--out", str(out), "--quiet"]) == 0
+    payload = torch.load(out / "model.pt", weights_only=True)
+    payload["config"]["test_fraction"] = 0.2  # as configs stored the old default
+    torch.save(payload, out / "model.pt")
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(out / "model.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["n_bags"] == 5  # all of test.npz's bags
+
+
 def test_cli_out_must_be_a_folder(tmp_path, capsys):
     out = tmp_path / "run.txt"
     out.write_text("keep me")
