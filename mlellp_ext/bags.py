@@ -20,6 +20,8 @@ def offsets_from_sizes(sizes) -> torch.Tensor:
         >>> offsets_from_sizes([3, 0, 2])
         tensor([0, 3, 3, 5])
     """
+    if not isinstance(sizes, torch.Tensor) and len(sizes) == 0:
+        sizes = torch.zeros(0, dtype=torch.int64)  # B = 0 (torch would make an empty list float32)
     sizes = torch.as_tensor(sizes)
     if sizes.dim() != 1:
         raise ValueError(f"sizes must be 1-D, got shape {tuple(sizes.shape)}")
@@ -37,21 +39,39 @@ def sizes_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return offsets[1:] - offsets[:-1]
 
 
-def split_nested(logits, offsets, counts, op: str):
-    """Accept ``(logits, offsets, counts)`` or ``(nested_logits, counts)``.
+def split_nested(logits, offsets, counts, op: str, takes_counts: bool = True):
+    """Accept ``(logits, offsets[, counts])`` or ``(nested_logits[, counts])``.
 
     Returns ``(flat_logits, offsets, counts, nested)``; ``nested`` says whether
-    the input was a jagged nested tensor (then outputs are returned nested).
+    the input was a jagged nested tensor (then outputs are returned nested, on
+    the offsets returned here). ``takes_counts=False`` for ops without counts.
     """
+    def plain(name, t):
+        if getattr(t, "is_nested", False):
+            raise ValueError(f"{op}: {name} must be a plain 1-D int64 tensor, got a nested tensor")
+
     if getattr(logits, "is_nested", False):
         if logits.layout != torch.jagged:
             raise ValueError(f"{op}: nested logits must use layout=torch.jagged, got {logits.layout}")
         if logits.dim() != 2:
             raise ValueError(f"{op}: nested logits must be (B, j) with one logit per instance, got {logits.dim()} dims")
-        if counts is not None and offsets is not None:
-            raise ValueError(f"{op}: with nested logits pass counts only, not offsets (the nested tensor holds them)")
+        if offsets is not None and (counts is not None or not takes_counts):
+            raise ValueError(f"{op}: with nested logits pass {'counts only, not offsets' if takes_counts else 'no offsets'}"
+                             " (the nested tensor holds them)")
         counts = offsets if counts is None else counts
-        return logits.values(), logits.offsets(), counts, True
+        plain("counts", counts)
+        values, starts, lengths = logits.values(), logits.offsets(), logits._lengths
+        if lengths is None:
+            return values, starts, counts, True
+        # A view with holes (built with lengths=, or by torch.nested.narrow): values()
+        # still holds the skipped entries, so gather the bags out (differentiably;
+        # the nested tensor's own contiguous() has no working backward for this).
+        offsets = offsets_from_sizes(lengths.to(torch.int64).cpu()).to(starts.device)
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=starts.device), lengths)
+        index = starts[:-1][bag] + torch.arange(bag.numel(), device=starts.device) - offsets[:-1][bag]
+        return values[index], offsets, counts, True
     if offsets is None:
         raise ValueError(f"{op}: offsets is required unless logits is a torch.nested jagged tensor")
+    plain("offsets", offsets)
+    plain("counts", counts)
     return logits, offsets, counts, False

@@ -18,11 +18,55 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- fake kernels
+# The checks of csrc/ops/checks.cpp that need no tensor data. The dispatcher runs
+# these kernels for meta tensors, under torch.compile, and whenever any argument is
+# on the meta device (a CPU tensor beside a meta one included), so without them
+# bad shapes, dtypes or devices would pass here and give garbage.
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FLOATING_TEXT = "float32, float64, float16 or bfloat16"
+# c10's names, so that messages match the C++ kernels' word for word
+_SCALAR_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+                 torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+                 torch.uint8: "Byte", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+                 torch.complex128: "ComplexDouble"}
+
+
+def _check(op, ok, message):
+    torch._check_value(ok, lambda: f"{op}: {message()}")
+
+
+def _check_dtype(op, name, t, dtypes, text):
+    if t.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} must be {text}, got {_SCALAR_NAMES.get(t.dtype, t.dtype)}")
+
+
+def _check_device(op, name, t, logits):
+    if t.device != logits.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but logits is on {logits.device}")
+
+
+def _check_layout_fake(op, logits, offsets, counts=None):
+    """check_bag_layout of csrc/ops/checks.cpp, in the same order and words."""
+    _check(op, logits.dim() == 1,
+           lambda: f"logits must be 1-D (all instances of all bags, flat), got shape {list(logits.shape)}")
+    _check_dtype(op, "logits", logits, _FLOATING, _FLOATING_TEXT)
+    _check(op, offsets.dim() == 1, lambda: f"offsets must be 1-D of length num_bags + 1, got shape {list(offsets.shape)}")
+    _check_dtype(op, "offsets", offsets, (torch.int64,), "int64")
+    _check(op, offsets.shape[0] >= 1,
+           lambda: "offsets must have at least one element (offsets[0] = 0), got an empty tensor")
+    _check_device(op, "offsets", offsets, logits)
+    if counts is not None:
+        _check(op, counts.dim() == 1, lambda: f"counts must be 1-D of length num_bags, got shape {list(counts.shape)}")
+        _check_dtype(op, "counts", counts, (torch.int64,), "int64")
+        _check(op, counts.shape[0] == offsets.shape[0] - 1,
+               lambda: f"counts must have num_bags = len(offsets) - 1 = {offsets.shape[0] - 1} elements, "
+                       f"got {counts.shape[0]}")
+        _check_device(op, "counts", counts, logits)
+
+
 @torch.library.register_fake("mlellp::posterior")
 def _posterior_fake(logits, offsets, counts):
-    torch._check(logits.dim() == 1, lambda: f"posterior: logits must be 1-D, got {logits.dim()}-D")
-    torch._check(offsets.dim() == 1, lambda: f"posterior: offsets must be 1-D, got {offsets.dim()}-D")
-    torch._check(counts.dim() == 1, lambda: f"posterior: counts must be 1-D, got {counts.dim()}-D")
+    _check_layout_fake("posterior", logits, offsets, counts)
     num_bags = offsets.shape[0] - 1
     phi = torch.empty_like(logits, memory_format=torch.contiguous_format)
     log_lik = logits.new_empty((num_bags,), dtype=_compute_dtype(logits.dtype))
@@ -31,13 +75,23 @@ def _posterior_fake(logits, offsets, counts):
 
 @torch.library.register_fake("mlellp::posterior_backward")
 def _posterior_backward_fake(grad_log_likelihood, phi, logits, offsets):
+    op = "posterior_backward"  # check_backward_layout of csrc/ops/checks.cpp
+    _check_layout_fake(op, logits, offsets)
+    num_bags = offsets.shape[0] - 1
+    _check(op, grad_log_likelihood.dim() == 1 and grad_log_likelihood.shape[0] == num_bags,
+           lambda: f"grad_log_likelihood must have shape [{num_bags}], got {list(grad_log_likelihood.shape)}")
+    _check(op, phi.shape == logits.shape,
+           lambda: f"phi must have the shape of logits {list(logits.shape)}, got {list(phi.shape)}")
+    _check_dtype(op, "grad_log_likelihood", grad_log_likelihood, _FLOATING, _FLOATING_TEXT)
+    _check_dtype(op, "phi", phi, _FLOATING, _FLOATING_TEXT)
+    _check_device(op, "grad_log_likelihood", grad_log_likelihood, logits)
+    _check_device(op, "phi", phi, logits)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("mlellp::log_pmf")
 def _log_pmf_fake(logits, offsets):
-    torch._check(logits.dim() == 1, lambda: f"log_pmf: logits must be 1-D, got {logits.dim()}-D")
-    torch._check(offsets.dim() == 1, lambda: f"log_pmf: offsets must be 1-D, got {offsets.dim()}-D")
+    _check_layout_fake("log_pmf", logits, offsets)
     size = logits.shape[0] + offsets.shape[0] - 1
     return logits.new_empty((size,), dtype=_compute_dtype(logits.dtype))
 
@@ -61,8 +115,21 @@ torch.library.register_autograd(
 )
 
 
-def _log_pmf_setup_context(ctx, inputs, output):
+def _no_setup_context(ctx, inputs, output):
     pass
+
+
+def _posterior_backward_backward(ctx, grad):
+    # Without this, autograd's fallback would return zeros (with only a warning)
+    # for second derivatives: a silently wrong Hessian.
+    raise RuntimeError(
+        "mlellp::posterior_backward is not differentiable: second derivatives of the bag "
+        "log-likelihood (double backward, Hessians) are not supported"
+    )
+
+
+torch.library.register_autograd("mlellp::posterior_backward", _posterior_backward_backward,
+                                setup_context=_no_setup_context)
 
 
 def _log_pmf_backward(ctx, grad):
@@ -72,10 +139,24 @@ def _log_pmf_backward(ctx, grad):
     )
 
 
-torch.library.register_autograd("mlellp::log_pmf", _log_pmf_backward, setup_context=_log_pmf_setup_context)
+torch.library.register_autograd("mlellp::log_pmf", _log_pmf_backward, setup_context=_no_setup_context)
 
 
 # ------------------------------------------------------------------ Python API
+def _refuse_untracked_autodiff(op, logits):
+    """Forward-mode AD and torch.func transforms would pass through the ops with a
+    None or zero tangent (the ops have backward formulas only): refuse them here."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        raise RuntimeError(f"{op}: torch.func transforms (grad, vmap, jacrev, jacfwd, jvp) are not supported; "
+                           f"use torch.autograd (loss.backward() or torch.autograd.grad)")
+    if torch.autograd.forward_ad._current_level >= 0 and \
+            torch.autograd.forward_ad.unpack_dual(logits).tangent is not None:
+        raise RuntimeError(f"{op}: forward-mode AD is not supported (backward only); "
+                           f"use torch.autograd (loss.backward() or torch.autograd.grad)")
+
+
 def posterior(logits, offsets=None, counts=None):
     """E-step: posterior marginals and log-likelihood of each bag's count.
 
@@ -111,6 +192,7 @@ def posterior(logits, offsets=None, counts=None):
         (torch.Size([5]), torch.Size([2]))
     """
     flat, offsets, counts, nested = split_nested(logits, offsets, counts, "posterior")
+    _refuse_untracked_autodiff("posterior", flat)
     if counts is None:
         raise ValueError("posterior: counts is required")
     phi, log_lik = torch.ops.mlellp.posterior(flat, offsets, counts)
@@ -138,7 +220,8 @@ def log_pmf(logits, offsets=None):
         >>> out.exp()  # P(S = 0, 1, 2) of two fair coins
         tensor([0.2500, 0.5000, 0.2500])
     """
-    flat, offsets, _, nested = split_nested(logits, offsets, None, "log_pmf")
+    flat, offsets, _, nested = split_nested(logits, offsets, None, "log_pmf", takes_counts=False)
+    _refuse_untracked_autodiff("log_pmf", flat)
     out = torch.ops.mlellp.log_pmf(flat, offsets)
     if nested:
         pmf_offsets = offsets + torch.arange(offsets.numel(), device=offsets.device)

@@ -10,6 +10,8 @@ from conftest import random_bags
 def test_offsets_from_sizes():
     assert mlellp_ext.offsets_from_sizes([3, 0, 2]).tolist() == [0, 3, 3, 5]
     assert mlellp_ext.offsets_from_sizes(torch.tensor([], dtype=torch.long)).tolist() == [0]
+    empty = mlellp_ext.offsets_from_sizes([])  # B = 0 from a list (torch would make it float32)
+    assert empty.tolist() == [0] and empty.dtype == torch.int64
     off = mlellp_ext.offsets_from_sizes(torch.tensor([4, 1], dtype=torch.int32))
     assert off.dtype == torch.int64
     assert mlellp_ext.sizes_from_offsets(off).tolist() == [4, 1]
@@ -33,6 +35,37 @@ def test_nested_jagged_input(gen):
     torch.testing.assert_close(z.grad, phi - torch.sigmoid(logits))
     with pytest.raises(ValueError, match="pass counts only"):
         mlellp_ext.posterior(nt, offsets, counts)
+    with pytest.raises(ValueError, match="log_pmf: with nested logits pass no offsets"):
+        mlellp_ext.log_pmf(nt, offsets)  # used to be ignored silently
+    with pytest.raises(ValueError, match="posterior: counts must be a plain 1-D int64 tensor, got a nested"):
+        mlellp_ext.posterior(nt, torch.nested.nested_tensor_from_jagged(counts, offsets_from_counts(counts)))
+
+
+def offsets_from_counts(counts):
+    return mlellp_ext.offsets_from_sizes(torch.ones_like(counts))
+
+
+def test_nested_with_holes(gen):
+    """A jagged view that skips entries (lengths=, as torch.nested.narrow makes): the
+    skipped values must not enter any bag, as they did when values() was taken as is."""
+    logits, offsets, counts = random_bags(gen, 12, min_size=2)
+    sizes = offsets[1:] - offsets[:-1]
+    keep = sizes - torch.randint(0, 2, sizes.shape, generator=gen).minimum(sizes)  # drop a bag's last logit or not
+    counts = torch.minimum(counts, keep)
+    z = logits.clone().requires_grad_(True)
+    nt = torch.nested.nested_tensor_from_jagged(z, offsets, lengths=keep)
+    phi_n, ll_n = mlellp_ext.posterior(nt, counts)
+    kept = torch.cat([logits[int(a):int(a) + int(k)] for a, k in zip(offsets[:-1], keep)])
+    phi, ll = mlellp_ext.posterior(kept, mlellp_ext.offsets_from_sizes(keep), counts)
+    torch.testing.assert_close(phi_n.values(), phi)
+    torch.testing.assert_close(ll_n, ll)
+    mlellp_ext.bag_log_likelihood(nt, counts=counts, reduction="sum").backward()
+    want = torch.zeros_like(logits)
+    for b, (a, k) in enumerate(zip(offsets[:-1].tolist(), keep.tolist())):
+        start = int(mlellp_ext.offsets_from_sizes(keep)[b])
+        want[a:a + k] = phi[start:start + k] - torch.sigmoid(logits[a:a + k])
+    torch.testing.assert_close(z.grad, want)  # skipped logits get no gradient
+    assert bool((keep < sizes).any())  # the draw did make holes
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

@@ -64,3 +64,29 @@ def test_torch_compile_fullgraph(gen):
     out_c.backward()
     out_e.backward()
     torch.testing.assert_close(z1.grad, z2.grad)
+
+
+def test_unsupported_derivatives_raise(gen):
+    """Second derivatives, forward-mode AD and torch.func transforms used to give zero or
+    None tangents (with at most a warning): each must raise instead."""
+    logits, offsets, counts = random_bags(gen, 4, min_size=2)
+    f = lambda x: mlellp_ext.bag_log_likelihood(x, offsets, counts, "sum")  # noqa: E731
+    with pytest.raises(RuntimeError, match="second derivatives .* are not supported"):
+        torch.autograd.functional.hessian(f, logits)
+    z = logits.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(z), z, create_graph=True)  # first derivatives still work under create_graph
+    torch.testing.assert_close(g, mlellp_ext.posterior(logits, offsets, counts)[0] - torch.sigmoid(logits))
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        g.sum().backward()
+    with pytest.raises(RuntimeError, match="torch.func transforms .* are not supported"):
+        torch.func.jacfwd(f)(logits)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.grad(f)(logits)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(logits, torch.ones_like(logits))
+        with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+            f(dual)
+        with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+            mlellp_ext.log_pmf(dual, offsets)

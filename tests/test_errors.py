@@ -4,7 +4,7 @@ import torch
 
 import mlellp_ext
 
-from conftest import CUDA
+from conftest import CUDA, DEVICES
 
 post = torch.ops.mlellp.posterior
 log_pmf = torch.ops.mlellp.log_pmf
@@ -80,3 +80,68 @@ def test_mixed_devices():
         post(z.cuda(), o, c.cuda())
     with pytest.raises(ValueError, match=r"counts is on cpu but logits is on cuda:0"):
         post(z.cuda(), o.cuda(), c)
+
+
+# posterior_backward is public too: its offsets index the loop, so their values are
+# checked as posterior's are (they used to read out of bounds or leave garbage).
+@pytest.mark.parametrize("offsets, message", [
+    ([0, 3, 10**6], r"offsets\[-1\] must equal len\(logits\) = 5, got offsets\[2\] = 1000000"),
+    ([0, 3, 2**40], r"offsets\[-1\] must equal len\(logits\) = 5"),
+    ([-100000, 3, 5], r"offsets\[0\] must be 0, got -100000"),
+    ([0, 2], r"offsets\[-1\] must equal len\(logits\) = 5, got offsets\[1\] = 2"),
+    ([3, 5], r"offsets\[0\] must be 0, got 3"),
+    ([0, 4, 3], r"offsets must be non-decreasing, got offsets\[2\] = 3 < offsets\[1\] = 4"),
+])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_offsets_posterior_backward(offsets, message, device):
+    z, phi = torch.randn(5, device=device), torch.rand(5, device=device)
+    grad = torch.ones(len(offsets) - 1, device=device)
+    with pytest.raises(ValueError, match=r"posterior_backward: " + message):
+        torch.ops.mlellp.posterior_backward(grad, phi, z, torch.tensor(offsets, device=device))
+    if device == "cuda":
+        torch.cuda.synchronize()  # an out-of-bounds access would surface here
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g, p: (g.to(torch.complex64), p), r"grad_log_likelihood must be float32, .* got ComplexFloat"),
+    (lambda g, p: (g, p > 0.5), r"phi must be float32, .* got Bool"),
+    (lambda g, p: (g[:1], p), r"grad_log_likelihood must have shape \[2\], got \[1\]"),
+    (lambda g, p: (g, p[:4]), r"phi must have the shape of logits \[5\], got \[4\]"),
+])
+def test_bad_tensors_posterior_backward(change, message):
+    z, offsets = torch.randn(5), torch.tensor([0, 3, 5])
+    grad, phi = change(torch.ones(2), torch.rand(5))
+    with pytest.raises(ValueError, match=message):
+        torch.ops.mlellp.posterior_backward(grad, phi, z, offsets)
+    # the fake kernel (meta tensors, torch.compile) refuses them in the same words
+    with pytest.raises(ValueError, match=message):
+        torch.ops.mlellp.posterior_backward(grad.to("meta"), phi.to("meta"), z.to("meta"), offsets.to("meta"))
+
+
+@pytest.mark.parametrize("case", range(7, len(BAD)))  # the layout cases, which need no tensor data
+def test_bad_input_meta(case):
+    """The fake kernels check what the real ones check without data."""
+    change, message = BAD[case]
+    args = [t.to("meta") for t in change(*good())]
+    with pytest.raises(ValueError, match=message):
+        post(*args)
+    if case <= 11:
+        with pytest.raises(ValueError, match=message):
+            log_pmf(*args[:2])
+
+
+@pytest.mark.parametrize("where", range(3))
+def test_meta_beside_cpu_is_a_device_error(where):
+    """A meta argument sends the call to the fake kernel, which used to return CPU
+    tensors of uninitialised memory."""
+    args = list(good())
+    args[where] = args[where].to("meta")
+    names = ["logits", "offsets", "counts"]
+    other = "offsets" if where == 0 else names[where]
+    message = (r"offsets is on cpu but logits is on meta" if where == 0
+               else rf"{other} is on meta but logits is on cpu")
+    with pytest.raises(ValueError, match=message):
+        post(*args)
+    if where < 2:
+        with pytest.raises(ValueError, match=message):
+            log_pmf(*args[:2])

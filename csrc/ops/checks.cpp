@@ -9,14 +9,17 @@ at::ScalarType compute_dtype(at::ScalarType dtype) {
   return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
 }
 
+static bool is_floating(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16;
+}
+
 void check_bag_layout(const char* op, const at::Tensor& logits, const at::Tensor& offsets,
                       const at::Tensor* counts) {
   TORCH_CHECK_VALUE(logits.defined(), op, ": logits is undefined");
   TORCH_CHECK_VALUE(logits.dim() == 1, op, ": logits must be 1-D (all instances of all bags, flat), got shape ",
                     logits.sizes());
-  const auto dt = logits.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-                    ": logits must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK_VALUE(is_floating(logits.scalar_type()), op, ": logits must be float32, float64, float16 or bfloat16, got ",
+                    logits.scalar_type());
   TORCH_CHECK_VALUE(offsets.dim() == 1, op, ": offsets must be 1-D of length num_bags + 1, got shape ",
                     offsets.sizes());
   TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, op, ": offsets must be int64, got ", offsets.scalar_type());
@@ -31,6 +34,25 @@ void check_bag_layout(const char* op, const at::Tensor& logits, const at::Tensor
     TORCH_CHECK_VALUE(counts->device() == logits.device(), op, ": counts is on ", counts->device(),
                       " but logits is on ", logits.device());
   }
+}
+
+void check_backward_layout(const char* op, const at::Tensor& grad_log_lik, const at::Tensor& phi,
+                           const at::Tensor& logits, const at::Tensor& offsets) {
+  check_bag_layout(op, logits, offsets, nullptr);
+  const int64_t num_bags = offsets.numel() - 1;
+  TORCH_CHECK_VALUE(grad_log_lik.dim() == 1 && grad_log_lik.numel() == num_bags, op,
+                    ": grad_log_likelihood must have shape [", num_bags, "], got ", grad_log_lik.sizes());
+  TORCH_CHECK_VALUE(phi.sizes() == logits.sizes(), op, ": phi must have the shape of logits ", logits.sizes(),
+                    ", got ", phi.sizes());
+  TORCH_CHECK_VALUE(is_floating(grad_log_lik.scalar_type()), op,
+                    ": grad_log_likelihood must be float32, float64, float16 or bfloat16, got ",
+                    grad_log_lik.scalar_type());
+  TORCH_CHECK_VALUE(is_floating(phi.scalar_type()), op, ": phi must be float32, float64, float16 or bfloat16, got ",
+                    phi.scalar_type());
+  TORCH_CHECK_VALUE(grad_log_lik.device() == logits.device(), op, ": grad_log_likelihood is on ",
+                    grad_log_lik.device(), " but logits is on ", logits.device());
+  TORCH_CHECK_VALUE(phi.device() == logits.device(), op, ": phi is on ", phi.device(), " but logits is on ",
+                    logits.device());
 }
 
 void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,

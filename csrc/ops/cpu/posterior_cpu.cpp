@@ -388,13 +388,10 @@ std::tuple<at::Tensor, at::Tensor> posterior_cpu(const at::Tensor& logits, const
 
 at::Tensor posterior_backward_cpu(const at::Tensor& grad_log_lik, const at::Tensor& phi, const at::Tensor& logits,
                                   const at::Tensor& offsets) {
-  check_bag_layout("posterior_backward", logits, offsets, nullptr);
+  check_backward_layout("posterior_backward", grad_log_lik, phi, logits, offsets);
   const int64_t num_bags = offsets.numel() - 1;
-  TORCH_CHECK_VALUE(grad_log_lik.dim() == 1 && grad_log_lik.numel() == num_bags,
-                    "posterior_backward: grad_log_likelihood must have shape [", num_bags, "], got ",
-                    grad_log_lik.sizes());
-  TORCH_CHECK_VALUE(phi.sizes() == logits.sizes(), "posterior_backward: phi must have the shape of logits ",
-                    logits.sizes(), ", got ", phi.sizes());
+  // The op is public: offsets from a caller, not only from posterior's autograd, index the loop.
+  check_bag_values("posterior_backward", offsets, nullptr, logits.numel(), at::Tensor());
   const auto ct = compute_dtype(logits.scalar_type());
   const auto off = offsets.contiguous();
   const auto z = logits.to(ct).contiguous();

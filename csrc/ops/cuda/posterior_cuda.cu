@@ -184,16 +184,12 @@ std::tuple<at::Tensor, at::Tensor> posterior_cuda(const at::Tensor& logits, cons
 
 at::Tensor posterior_backward_cuda(const at::Tensor& grad_log_lik, const at::Tensor& phi, const at::Tensor& logits,
                                    const at::Tensor& offsets) {
-  check_bag_layout("posterior_backward", logits, offsets, nullptr);
+  check_backward_layout("posterior_backward", grad_log_lik, phi, logits, offsets);
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t num_bags = offsets.numel() - 1;
-  TORCH_CHECK_VALUE(grad_log_lik.dim() == 1 && grad_log_lik.numel() == num_bags,
-                    "posterior_backward: grad_log_likelihood must have shape [", num_bags, "], got ",
-                    grad_log_lik.sizes());
-  TORCH_CHECK_VALUE(phi.sizes() == logits.sizes(), "posterior_backward: phi must have the shape of logits ",
-                    logits.sizes(), ", got ", phi.sizes());
-  TORCH_CHECK_VALUE(grad_log_lik.device() == logits.device() && phi.device() == logits.device(),
-                    "posterior_backward: grad_log_likelihood and phi must be on ", logits.device());
+  // The op is public: offsets from a caller index the kernel, so their values are checked
+  // (one small device-to-host copy, as in the forward).
+  check_bag_values("posterior_backward", offsets, nullptr, logits.numel(), at::Tensor());
   const auto ct = compute_dtype(logits.scalar_type());
   const auto off = offsets.contiguous();
   const auto z = logits.to(ct).contiguous();
