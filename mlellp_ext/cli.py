@@ -185,8 +185,13 @@ def _evaluate(args):
 def _predict(args):
     import torch
 
+    from .data import DataError
     from .train import bag_metrics
 
+    bag_path = args.out[:-4] + "_bags.csv" if args.out.endswith(".csv") else args.out + "_bags.csv"
+    for path in (args.out, bag_path):  # before the inference pass, not after it
+        if os.path.isdir(path):
+            raise DataError(f"--out {args.out}: {path} is a folder; name the instance CSV to write")
     model, dataset, bags = _model_and_bags(args)
     _, prob, expected = bag_metrics(model, _preprocess(model, dataset), dataset.data, bags, args.batch_size)
     sizes = bags.offsets[1:] - bags.offsets[:-1]
@@ -199,7 +204,6 @@ def _predict(args):
             i = int(bags.index[pos])
             w.writerow([i, bags.bag_ids[int(bag[pos])], f"{float(prob[pos]):.6f}"]
                        + ([int(y[i])] if y is not None else []))
-    bag_path = args.out[:-4] + "_bags.csv" if args.out.endswith(".csv") else args.out + "_bags.csv"
     with open(bag_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["bag", "size", "count", "expected_count"])
@@ -217,7 +221,7 @@ def main(argv=None):
     try:
         {"train": _train, "evaluate": _evaluate, "predict": _predict,
          "reproduce": _reproduce}[args.command](args)
-    except (DataError, FileNotFoundError, DistributedError) as e:
+    except (DataError, OSError, DistributedError) as e:  # OSError: a file that cannot be read or written
         if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every rank fails alike: rank 0 tells
             print(f"mlellp {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -194,6 +194,10 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     assert cli.main(["predict", "--model", str(out / "model.pt"), "--batch-size", "0",
                      "--out", str(tmp_path / "p.csv")]) == 2
     assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
+    assert cli.main(["predict", "--model", str(out / "model.pt"), "--out", str(out)]) == 2
+    assert f"--out {out}: {out} is a folder" in capsys.readouterr().err
+    assert cli.main(["predict", "--model", str(out / "model.pt"), "--out", str(tmp_path / "nowhere" / "p.csv")]) == 2
+    assert "No such file or directory" in capsys.readouterr().err  # a clean error, not a traceback
 
 
 @pytest.mark.parametrize("method", ["mle", "llpgan"])
