@@ -302,6 +302,7 @@ class Trainer:
 
     def restore(self, state):
         """Load a checkpoint; returns the history of the epochs it holds."""
+        check_resume_config(state.get("config", {}), self.cfg)
         saved = int(state.get("world_size", 1))
         if saved != self.world.size:
             raise distributed.DistributedError(
@@ -330,6 +331,35 @@ class Trainer:
         if "cuda_rng" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         return list(mine["history"])
+
+
+# What --resume may change: how long to run and how to show it. Anything else would
+# continue a different run (another --seed, say, draws other bags, and the saved
+# targets phi would then belong to other instances).
+RESUME_MAY_CHANGE = ("out", "resume", "epochs", "tol", "min_epochs", "device", "quiet")
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
+    """Raise DataError naming each option the checkpoint was written with otherwise."""
+    defaults = {"bag_size": "2:12", "test_fraction": 0.2}  # older configs stored these instead of None
+    differ = []
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        if name in RESUME_MAY_CHANGE or name not in saved:
+            continue
+        old, new = saved[name], getattr(cfg, name)
+        if name in defaults and cfg.dataset in ("digits", "npz", "cifar10") and not (name == "test_fraction"
+                                                                                    and cfg.test_root):
+            old, new = (defaults[name] if v is None else v for v in (old, new))
+        if old != new:
+            if name == "augment":
+                differ.append(f"{'augmentation' if old else '--no-augment'} (this run: "
+                              f"{'augmentation' if new else '--no-augment'})")
+            else:
+                differ.append(f"--{name.replace('_', '-')} {old!r} (this run: {new!r})")
+    if differ:
+        raise DataError("--resume: the checkpoint was written with " + "; ".join(differ) +
+                        f". Resume with the same options; only --{', --'.join(o.replace('_', '-') for o in RESUME_MAY_CHANGE[2:])} may change")
 
 
 def _to_cpu(obj):

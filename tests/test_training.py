@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -41,6 +42,26 @@ def test_resume_equals_uninterrupted(tmp_path, estep, schedule):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert [r["L"] for r in resumed] == [r["L"] for r in full]
     assert [r["test_accuracy"] for r in resumed] == [r["test_accuracy"] for r in full]
+
+
+def test_resume_refuses_other_options(tmp_path):
+    """A resumed run with another seed would draw other bags and apply the saved targets
+    phi to other instances without a word; only the run length and display may change."""
+    from mlellp_ext.data import DataError
+
+    cfg = dict(SMALL, epochs=2, method="mle", tol=0.0)
+    out = str(tmp_path / "run")
+    train(TrainConfig(out=out, **cfg), stop_after_epochs=1)
+    for change, message in ((dict(seed=1), "--seed 0 (this run: 1)"),
+                            (dict(width=0.5), "--width 0.25 (this run: 0.5)"),
+                            (dict(augment=False, lr=2e-3), "--lr 0.001 (this run: 0.002); augmentation (this run: "
+                                                           "--no-augment)"),
+                            (dict(bag_size="3:5"), "--bag-size '2:12' (this run: '3:5')")):
+        with pytest.raises(DataError, match=re.escape("--resume: the checkpoint was written with " + message)):
+            train(TrainConfig(out=out, resume=True, **dict(cfg, **change)))
+    # the options left to change: longer, quieter; bag_size "2:12" given is the default it ran with
+    history = train(TrainConfig(out=out, resume=True, **dict(cfg, epochs=3, tol=1e-3, min_epochs=5, bag_size="2:12")))
+    assert [r["epoch"] for r in history] == [1, 2, 3]
 
 
 def test_resume_without_checkpoint_fails(tmp_path):
