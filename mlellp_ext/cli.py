@@ -89,7 +89,8 @@ def build_parser():
     t.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt (under torchrun: with the same number of processes)")
+                   help="continue from OUT/checkpoint.pt with the options it was started with (only --epochs, --tol, "
+                        "--min-epochs, --device, --quiet may change; under torchrun: the same number of processes)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
     for name, helptext in (("evaluate", "print test metrics of a trained model as JSON"),
