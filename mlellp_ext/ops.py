@@ -148,10 +148,12 @@ def _refuse_untracked_autodiff(op, logits):
     None or zero tangent (the ops have backward formulas only): refuse them here."""
     if torch.compiler.is_compiling():
         return
-    if torch._C._functorch.is_functorch_wrapped_tensor(logits):
+    # Private hooks (torch has no public test for either); skipped where a torch lacks them.
+    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    if is_wrapped is not None and is_wrapped(logits):
         raise RuntimeError(f"{op}: torch.func transforms (grad, vmap, jacrev, jacfwd, jvp) are not supported; "
                            f"use torch.autograd (loss.backward() or torch.autograd.grad)")
-    if torch.autograd.forward_ad._current_level >= 0 and \
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0 and \
             torch.autograd.forward_ad.unpack_dual(logits).tangent is not None:
         raise RuntimeError(f"{op}: forward-mode AD is not supported (backward only); "
                            f"use torch.autograd (loss.backward() or torch.autograd.grad)")
