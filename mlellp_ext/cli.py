@@ -132,7 +132,7 @@ def _train(args):
 
 def _model_and_bags(args):
     from .data import Bags, DataError
-    from .train import TrainConfig, load_data, load_model
+    from .train import TrainConfig, load_data, load_model, settled_data_options
 
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -144,12 +144,11 @@ def _model_and_bags(args):
     if overrides.get("dataset", cfg.dataset) != cfg.dataset:  # another dataset: none of the stored one's files
         cfg = dataclasses.replace(cfg, data_root=None, classes=None, download=False, test_root=None, counts_file=None)
     cfg = dataclasses.replace(cfg, **overrides)
-    # Stored values that the data now named would reject (a config may hold the old defaults):
-    # given bags have no sizes, and a separate test set no split.
-    if cfg.dataset in ("family-faces", "manifest") and "bag_size" not in overrides:
-        cfg = dataclasses.replace(cfg, bag_size=None)
-    if cfg.test_root is not None and "test_fraction" not in overrides:
-        cfg = dataclasses.replace(cfg, test_fraction=None)
+    # Stored (not given) values as the data now named use them: a config may hold the old
+    # defaults 2:12 and 0.2, which given bags or a separate test set would reject.
+    settled = settled_data_options(cfg)
+    cfg = dataclasses.replace(cfg, **{k: getattr(settled, k) for k in ("bag_size", "test_fraction")
+                                      if k not in overrides})
     dataset = load_data(cfg)
     if args.split == "all":
         import torch

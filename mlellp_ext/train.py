@@ -24,7 +24,8 @@ import torch
 
 from . import distributed
 from .batches import Preprocess, infer_logits
-from .data import BagDataset, DataError, load_dataset, parse_bag_size, subset_bags
+from .data import (DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION, BagDataset, DataError, load_dataset, parse_bag_size,
+                   subset_bags)
 from .models import build_backbone
 
 METHODS = ("mle", "mle-direct", "dllp", "supervised", "llpgan")
@@ -339,18 +340,26 @@ class Trainer:
 RESUME_MAY_CHANGE = ("out", "resume", "epochs", "tol", "min_epochs", "device", "quiet")
 
 
+def settled_data_options(cfg: TrainConfig) -> TrainConfig:
+    """cfg with --bag-size and --test-fraction as the data use them: None where the data
+    have no such choice (given bags; a separate test set), else the value or its default.
+    For comparing and reusing stored configs: those written before these options
+    defaulted to None hold 2:12 and 0.2 whatever the data."""
+    random_bags = cfg.dataset not in ("family-faces", "manifest")
+    bag_size = (cfg.bag_size or ":".join(map(str, DEFAULT_BAG_SIZE))) if random_bags else None
+    test_fraction = None if cfg.test_root else (DEFAULT_TEST_FRACTION if cfg.test_fraction is None
+                                                else cfg.test_fraction)
+    return dataclasses.replace(cfg, bag_size=bag_size, test_fraction=test_fraction)
+
+
 def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
     """Raise DataError naming each option the checkpoint was written with otherwise."""
-    defaults = {"bag_size": "2:12", "test_fraction": 0.2}  # older configs stored these instead of None
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name in saved and f.name not in RESUME_MAY_CHANGE]
+    old_cfg = settled_data_options(dataclasses.replace(cfg, **{k: saved[k] for k in names}))
+    new_cfg = settled_data_options(cfg)
     differ = []
-    for field in dataclasses.fields(TrainConfig):
-        name = field.name
-        if name in RESUME_MAY_CHANGE or name not in saved:
-            continue
-        old, new = saved[name], getattr(cfg, name)
-        if name in defaults and cfg.dataset in ("digits", "npz", "cifar10") and not (name == "test_fraction"
-                                                                                    and cfg.test_root):
-            old, new = (defaults[name] if v is None else v for v in (old, new))
+    for name in names:
+        old, new = getattr(old_cfg, name), getattr(new_cfg, name)
         if old != new:
             if name == "augment":
                 differ.append(f"{'augmentation' if old else '--no-augment'} (this run: "
