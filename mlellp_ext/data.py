@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "npz", "cifar10", "family-faces", "manifest")
+GIVEN_BAGS = ("family-faces", "manifest")  # bags come with the data; the others draw random bags
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 FACE_SIZE = (96, 120)  # (width, height) of family-faces crops after resizing
 
@@ -579,7 +580,7 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
     test_fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
     if not 0.0 <= float(test_fraction) < 1.0:
         raise DataError(f"test fraction must be in [0, 1), got {test_fraction}")
-    if name not in ("family-faces", "manifest"):
+    if name not in GIVEN_BAGS:
         bag_size = _check_size_range(DEFAULT_BAG_SIZE if bag_size is None else bag_size)
 
     if name == "digits":

@@ -24,7 +24,7 @@ import torch
 
 from . import distributed
 from .batches import Preprocess, infer_logits
-from .data import (DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION, BagDataset, DataError, load_dataset, parse_bag_size,
+from .data import (DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION, GIVEN_BAGS, BagDataset, DataError, load_dataset, parse_bag_size,
                    subset_bags)
 from .models import build_backbone
 
@@ -345,7 +345,7 @@ def settled_data_options(cfg: TrainConfig) -> TrainConfig:
     have no such choice (given bags; a separate test set), else the value or its default.
     For comparing and reusing stored configs: those written before these options
     defaulted to None hold 2:12 and 0.2 whatever the data."""
-    random_bags = cfg.dataset not in ("family-faces", "manifest")
+    random_bags = cfg.dataset not in GIVEN_BAGS
     bag_size = (cfg.bag_size or ":".join(map(str, DEFAULT_BAG_SIZE))) if random_bags else None
     test_fraction = None if cfg.test_root else (DEFAULT_TEST_FRACTION if cfg.test_fraction is None
                                                 else cfg.test_fraction)
