@@ -1,12 +1,16 @@
 """The E-step as torch ops: autograd and fake kernels, and the Python API.
 
 The kernels are C++/CUDA (csrc/ops); this file registers what Python adds:
-``register_fake`` (shapes for torch.compile / meta tensors) and
-``register_autograd`` (d log P(S=y) / dz_i = phi_i - sigmoid(z_i)).
+fake kernels (shapes for torch.compile / meta tensors), Autograd kernels
+(d log P(S=y) / dz_i = phi_i - sigmoid(z_i), reverse and forward mode) and vmap
+rules, and holds the Python API, which also serves torch.func transforms.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .bags import split_nested
 
@@ -97,66 +101,214 @@ def _log_pmf_fake(logits, offsets):
 
 
 # -------------------------------------------------------------------- autograd
-def _posterior_setup_context(ctx, inputs, output):
-    logits, offsets, _counts = inputs
-    phi, _log_lik = output
-    ctx.mark_non_differentiable(phi)
-    ctx.save_for_backward(phi, logits, offsets)
+# d log P_b / dz_i = phi_i - sigmoid(z_i) for i in bag b, so
+#   reverse mode: grad_z[i] = g[b] * (phi_i - sigmoid(z_i))      (posterior_backward)
+#   forward mode: tangent_L[b] = sum_{i in b} (phi_i - sigmoid(z_i)) * v_i
+# phi is not differentiable (marked so). Second derivatives would need d phi / dz,
+# which no kernel computes, so every route to them raises instead of returning zeros.
+#
+# The Autograd kernels are registered by hand, not with torch.library.register_autograd,
+# whose autograd.Function has no jvp: dual tensors would pass through with no tangent.
+# The same autograd.Functions, applied from the Python API, also serve torch.func
+# transforms (they need setup_context and a vmap rule, which a kernel cannot give).
+_SECOND_ORDER = ("second derivatives of the bag log-likelihood (double backward, Hessians, "
+                 "jacfwd/jacrev of a gradient) are not supported")
 
 
-def _posterior_backward(ctx, _grad_phi, grad_log_lik):
-    phi, logits, offsets = ctx.saved_tensors
-    grad = torch.ops.mlellp.posterior_backward(grad_log_lik, phi, logits, offsets)
-    return grad, None, None
+def _has_tangent(tensors):
+    return any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-torch.library.register_autograd(
-    "mlellp::posterior", _posterior_backward, setup_context=_posterior_setup_context
+def _bag_sums(values, offsets):
+    """Per-bag sums of values (N,); 0 for an empty bag."""
+    num_bags = offsets.shape[0] - 1
+    bag = torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), offsets.diff(),
+                                  output_size=values.shape[0])
+    # Zeros that vmap (jacfwd) batches as it batches values: index_add cannot add a
+    # batched source into a fresh, unbatched zeros tensor.
+    zeros = torch.zeros_like(values.sum()).expand(num_bags)
+    return zeros.index_add(0, bag, values)
+
+
+def _batched(t, dim, batch):
+    """t with its vmapped dimension first, or expanded to the batch if it has none."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(batch, *t.shape)
+
+
+def _tiled_offsets(op, logits, offsets, offsets_dim):
+    """Offsets of a batch (batch, n) of logits laid end to end, each entry's bags in turn."""
+    if offsets_dim is not None:
+        raise ValueError(f"{op}: vmap over offsets is not supported (every batch entry must share "
+                         f"the bag layout); vmap over logits and counts instead")
+    batch = logits.shape[0]
+    _check_layout_fake(op, logits[0], offsets)
+    n = logits.shape[1]
+    # The kernel checks offsets[0..B-1] of the tiled layout as it would the original
+    # (entry 0 comes first), but a wrong offsets[-1] would shift the bags instead.
+    last = int(offsets[-1])
+    if last != n:
+        raise ValueError(f"{op}: offsets[-1] must equal len(logits) = {n}, got offsets[{offsets.numel() - 1}] = {last}")
+    shift = torch.arange(batch, device=offsets.device, dtype=offsets.dtype).unsqueeze(1) * n
+    return torch.cat([(offsets[:-1].unsqueeze(0) + shift).reshape(-1), offsets.new_tensor([batch * n])])
+
+
+# vmap rules: each batch entry becomes a run of extra bags (_tiled_offsets), so one
+# kernel call does the whole batch. `call` is the op or its autograd.Function's apply.
+def _posterior_vmap(call, info, in_dims, logits, offsets, counts):
+    batch = info.batch_size
+    logits = _batched(logits, in_dims[0], batch)
+    tiled = _tiled_offsets("posterior", logits, offsets, in_dims[1])
+    counts = _batched(counts, in_dims[2], batch)
+    phi, log_lik = call(logits.reshape(-1), tiled, counts.reshape(-1))
+    return (phi.view(logits.shape), log_lik.view(batch, -1)), (0, 0)
+
+
+def _posterior_backward_vmap(call, info, in_dims, grad_log_likelihood, phi, logits, offsets):
+    batch = info.batch_size
+    logits = _batched(logits, in_dims[2], batch)
+    tiled = _tiled_offsets("posterior_backward", logits, offsets, in_dims[3])
+    grad = call(_batched(grad_log_likelihood, in_dims[0], batch).reshape(-1),
+                _batched(phi, in_dims[1], batch).reshape(-1), logits.reshape(-1), tiled)
+    return grad.view(logits.shape), 0
+
+
+def _log_pmf_vmap(call, info, in_dims, logits, offsets):
+    logits = _batched(logits, in_dims[0], info.batch_size)
+    tiled = _tiled_offsets("log_pmf", logits, offsets, in_dims[1])
+    # Entry k's bag b holds its n_b + 1 values from tiled[kB + b] + kB + b =
+    # k (n + B) + offsets[b] + b: each entry's block is contiguous, laid out as unbatched.
+    return call(logits.reshape(-1), tiled).view(logits.shape[0], -1), 0
+
+
+class _PosteriorBackwardFn(torch.autograd.Function):
+    @staticmethod
+    def forward(grad_log_likelihood, phi, logits, offsets):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.mlellp.posterior_backward(grad_log_likelihood, phi, logits, offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(f"mlellp::posterior_backward is not differentiable: {_SECOND_ORDER}")
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(f"mlellp::posterior_backward has no forward-mode derivative: {_SECOND_ORDER}")
+
+    vmap = staticmethod(lambda info, in_dims, *args: _posterior_backward_vmap(
+        _PosteriorBackwardFn.apply, info, in_dims, *args))
+
+
+class _PosteriorFn(torch.autograd.Function):
+    @staticmethod
+    def forward(logits, offsets, counts):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.mlellp.posterior(logits, offsets, counts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, offsets, _counts = inputs
+        phi, _log_lik = output
+        ctx.mark_non_differentiable(phi)
+        ctx.save_for_backward(phi, logits, offsets)
+        ctx.save_for_forward(phi, logits, offsets)
+
+    @staticmethod
+    def backward(ctx, _grad_phi, grad_log_lik):
+        phi, logits, offsets = ctx.saved_tensors
+        if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+            # create_graph or a torch.func transform: the Function that refuses second derivatives
+            return _PosteriorBackwardFn.apply(grad_log_lik, phi, logits, offsets), None, None
+        with torch._C._AutoDispatchBelowAutograd():  # a plain backward: skip a second autograd layer
+            return torch.ops.mlellp.posterior_backward(grad_log_lik, phi, logits, offsets), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_logits, _tangent_offsets, _tangent_counts):
+        phi, logits, offsets = ctx.saved_tensors
+        dtype = _compute_dtype(logits.dtype)
+        slope = (phi.to(dtype) - torch.sigmoid(logits.to(dtype))) * tangent_logits.to(dtype)
+        return None, _bag_sums(slope, offsets)
+
+    vmap = staticmethod(lambda info, in_dims, *args: _posterior_vmap(_PosteriorFn.apply, info, in_dims, *args))
+
+
+class _LogPmfFn(torch.autograd.Function):
+    @staticmethod
+    def forward(logits, offsets):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.mlellp.log_pmf(logits, offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(_LOG_PMF_NOT_DIFFERENTIABLE)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_LOG_PMF_NOT_DIFFERENTIABLE)
+
+    vmap = staticmethod(lambda info, in_dims, *args: _log_pmf_vmap(_LogPmfFn.apply, info, in_dims, *args))
+
+
+_LOG_PMF_NOT_DIFFERENTIABLE = (
+    "mlellp::log_pmf is not differentiable; for a differentiable log-likelihood of observed "
+    "counts use mlellp_ext.bag_log_likelihood (or torch.ops.mlellp.posterior)"
 )
 
 
-def _no_setup_context(ctx, inputs, output):
-    pass
+def _autograd_kernel(name, fn):
+    def kernel(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not ((torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or _has_tangent(tensors)):
+            with torch._C._AutoDispatchBelowAutograd():
+                return getattr(torch.ops.mlellp, name)(*args)
+        if torch._C._are_functorch_transforms_active():
+            # A kernel cannot serve torch.func's grad/jvp (the transform must see the
+            # autograd.Function itself), so say where they work.
+            raise RuntimeError(f"mlellp::{name} under torch.func grad/jvp/jacrev/jacfwd: call it through "
+                               f"mlellp_ext (posterior, bag_log_likelihood, log_pmf), not torch.ops.mlellp")
+        return fn.apply(*args)
+
+    return kernel
 
 
-def _posterior_backward_backward(ctx, grad):
-    # Without this, autograd's fallback would return zeros (with only a warning)
-    # for second derivatives: a silently wrong Hessian.
-    raise RuntimeError(
-        "mlellp::posterior_backward is not differentiable: second derivatives of the bag "
-        "log-likelihood (double backward, Hessians) are not supported"
-    )
+def _ctx_in_forward(fn):
+    """fn in the form with ctx as forward's first argument. The kernels use it: apply
+    binds a setup_context Function's arguments by signature on every call (~15 us),
+    and only torch.func, which the kernels do not serve, needs that form."""
+    def forward(ctx, *args):
+        out = fn.forward(*args)
+        fn.setup_context(ctx, args, out)
+        return out
+
+    return type(fn.__name__ + "Kernel", (fn,), {"forward": staticmethod(forward),
+                                                "setup_context": torch.autograd.Function.setup_context})
 
 
-torch.library.register_autograd("mlellp::posterior_backward", _posterior_backward_backward,
-                                setup_context=_no_setup_context)
-
-
-def _log_pmf_backward(ctx, grad):
-    raise RuntimeError(
-        "mlellp::log_pmf is not differentiable; for a differentiable log-likelihood of observed "
-        "counts use mlellp_ext.bag_log_likelihood (or torch.ops.mlellp.posterior)"
-    )
-
-
-torch.library.register_autograd("mlellp::log_pmf", _log_pmf_backward, setup_context=_no_setup_context)
+_lib = torch.library.Library("mlellp", "IMPL")
+for _name, _fn in (("posterior", _PosteriorFn), ("posterior_backward", _PosteriorBackwardFn), ("log_pmf", _LogPmfFn)):
+    _lib.impl(_name, _autograd_kernel(_name, _ctx_in_forward(_fn)), "Autograd")
+# For torch.vmap over torch.ops.mlellp.* called directly (without these, vmap loops over the batch).
+for _name, _rule in (("posterior", _posterior_vmap), ("posterior_backward", _posterior_backward_vmap),
+                     ("log_pmf", _log_pmf_vmap)):
+    torch.library.register_vmap(f"mlellp::{_name}", functools.partial(_rule, getattr(torch.ops.mlellp, _name)),
+                                lib=_lib)
 
 
 # ------------------------------------------------------------------ Python API
-def _refuse_untracked_autodiff(op, logits):
-    """Forward-mode AD and torch.func transforms would pass through the ops with a
-    None or zero tangent (the ops have backward formulas only): refuse them here."""
-    if torch.compiler.is_compiling():
-        return
-    # Private hooks (torch has no public test for either); skipped where a torch lacks them.
-    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    if is_wrapped is not None and is_wrapped(logits):
-        raise RuntimeError(f"{op}: torch.func transforms (grad, vmap, jacrev, jacfwd, jvp) are not supported; "
-                           f"use torch.autograd (loss.backward() or torch.autograd.grad)")
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0 and \
-            torch.autograd.forward_ad.unpack_dual(logits).tangent is not None:
-        raise RuntimeError(f"{op}: forward-mode AD is not supported (backward only); "
-                           f"use torch.autograd (loss.backward() or torch.autograd.grad)")
+def _apply(fn, op, *args):
+    """The op, or under a torch.func transform its autograd.Function (which the
+    transform needs to see to differentiate or batch it)."""
+    if not torch.compiler.is_compiling() and any(
+            isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args):
+        return fn.apply(*args)
+    return op(*args)
 
 
 def posterior(logits, offsets=None, counts=None):
@@ -194,10 +346,9 @@ def posterior(logits, offsets=None, counts=None):
         (torch.Size([5]), torch.Size([2]))
     """
     flat, offsets, counts, nested = split_nested(logits, offsets, counts, "posterior")
-    _refuse_untracked_autodiff("posterior", flat)
     if counts is None:
         raise ValueError("posterior: counts is required")
-    phi, log_lik = torch.ops.mlellp.posterior(flat, offsets, counts)
+    phi, log_lik = _apply(_PosteriorFn, torch.ops.mlellp.posterior, flat, offsets, counts)
     if nested:
         phi = torch.nested.nested_tensor_from_jagged(phi, offsets)
     return phi, log_lik
@@ -223,8 +374,7 @@ def log_pmf(logits, offsets=None):
         tensor([0.2500, 0.5000, 0.2500])
     """
     flat, offsets, _, nested = split_nested(logits, offsets, None, "log_pmf", takes_counts=False)
-    _refuse_untracked_autodiff("log_pmf", flat)
-    out = torch.ops.mlellp.log_pmf(flat, offsets)
+    out = _apply(_LogPmfFn, torch.ops.mlellp.log_pmf, flat, offsets)
     if nested:
         pmf_offsets = offsets + torch.arange(offsets.numel(), device=offsets.device)
         out = torch.nested.nested_tensor_from_jagged(out, pmf_offsets)

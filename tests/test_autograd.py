@@ -66,9 +66,81 @@ def test_torch_compile_fullgraph(gen):
     torch.testing.assert_close(z1.grad, z2.grad)
 
 
+def _loop(fn, rows):
+    return torch.stack([fn(r) for r in rows])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_mode_and_batched_gradcheck(gen, device):
+    """Forward-mode AD (dual tensors, torch.func.jvp) used to pass through the ops with a
+    zero tangent; gradcheck now compares forward- and reverse-mode, batched too."""
+    logits, offsets, counts = random_bags(gen, 20, max_size=8, device=device)
+    z = logits.clone().requires_grad_(True)
+    for f in (lambda t: post(t, offsets, counts)[1], lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "none")):
+        assert torch.autograd.gradcheck(f, (z,), check_forward_ad=True, check_batched_grad=True,
+                                        check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_func_first_derivatives(gen, device):
+    """grad, jacrev, jacfwd, jvp and vmap through the Python functions, against autograd
+    and against a Python loop over the batch."""
+    logits, offsets, counts = random_bags(gen, 12, max_size=7, device=device)
+    f = lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "sum")  # noqa: E731
+    z = logits.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(z), z)
+    torch.testing.assert_close(torch.func.grad(f)(logits), g)
+    torch.testing.assert_close(torch.func.jacrev(f)(logits), g)
+    torch.testing.assert_close(torch.func.jacfwd(f)(logits), g)
+    v = torch.randn(logits.shape, generator=gen, dtype=logits.dtype).to(device)
+    value, tangent = torch.func.jvp(f, (logits,), (v,))
+    torch.testing.assert_close(value, f(logits))
+    torch.testing.assert_close(tangent, (g * v).sum())
+    # Per-bag Jacobian: row b is (phi - sigmoid) on bag b's instances, 0 elsewhere.
+    jac = torch.func.jacfwd(lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "none"))(logits)
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "none"))(logits))
+    torch.testing.assert_close(jac.sum(0), g)
+
+    rows = torch.randn((3, logits.numel()), generator=gen, dtype=logits.dtype).to(device) * 3
+    rows = rows.t().contiguous().t()  # non-contiguous batch
+    both = lambda t: mlellp_ext.posterior(t, offsets, counts)  # noqa: E731
+    phi, ll = torch.func.vmap(both)(rows)
+    torch.testing.assert_close(phi, _loop(lambda r: both(r)[0], rows))
+    torch.testing.assert_close(ll, _loop(lambda r: both(r)[1], rows))
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f))(rows), _loop(torch.func.grad(f), rows))
+    torch.testing.assert_close(torch.func.vmap(lambda r: mlellp_ext.log_pmf(r, offsets), in_dims=1)(rows.t()),
+                               _loop(lambda r: mlellp_ext.log_pmf(r, offsets), rows))
+    # vmap over counts (one set of logits, several observations)
+    sizes = offsets.diff()
+    many = torch.stack([torch.minimum(counts + k, sizes) for k in range(3)])
+    torch.testing.assert_close(torch.func.vmap(lambda c: mlellp_ext.posterior(logits, offsets, c)[1])(many),
+                               _loop(lambda c: mlellp_ext.posterior(logits, offsets, c)[1], many))
+    # torch.ops called directly batch too, in one kernel call per op
+    torch.testing.assert_close(torch.func.vmap(lambda r: post(r, offsets, counts)[1])(rows), ll)
+    phi_b = torch.func.vmap(lambda r: post(r, offsets, counts)[0])(rows)
+    grads = torch.randn((3, offsets.numel() - 1), generator=gen, dtype=logits.dtype).to(device)
+    torch.testing.assert_close(
+        torch.func.vmap(torch.ops.mlellp.posterior_backward, in_dims=(0, 0, 0, None))(grads, phi_b, rows, offsets),
+        torch.stack([torch.ops.mlellp.posterior_backward(grads[k], phi_b[k], rows[k], offsets) for k in range(3)]))
+
+
+def test_vmap_bad_layout_raises(gen):
+    logits, offsets, counts = random_bags(gen, 4, min_size=1)
+    rows = torch.stack([logits, logits])
+    f = lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "none")  # noqa: E731
+    with pytest.raises(ValueError, match=r"offsets\[-1\] must equal len\(logits\)"):
+        torch.func.vmap(f)(rows[:, :-1])
+    with pytest.raises(ValueError, match=r"offsets\[-1\] must equal len\(logits\)"):
+        torch.func.vmap(lambda t: post(t, offsets, counts)[1])(rows[:, :-1])
+    with pytest.raises(ValueError, match="vmap over offsets is not supported"):
+        torch.func.vmap(lambda o: mlellp_ext.log_pmf(logits, o))(torch.stack([offsets, offsets]))
+    with pytest.raises(ValueError, match="logits must be 1-D"):
+        torch.func.vmap(f)(rows.unsqueeze(1))
+
+
 def test_unsupported_derivatives_raise(gen):
-    """Second derivatives, forward-mode AD and torch.func transforms used to give zero or
-    None tangents (with at most a warning): each must raise instead."""
+    """Second derivatives have no kernel (d phi / dz): every route to them used to give
+    zeros (with at most a warning) and must raise instead."""
     logits, offsets, counts = random_bags(gen, 4, min_size=2)
     f = lambda x: mlellp_ext.bag_log_likelihood(x, offsets, counts, "sum")  # noqa: E731
     with pytest.raises(RuntimeError, match="second derivatives .* are not supported"):
@@ -78,15 +150,37 @@ def test_unsupported_derivatives_raise(gen):
     torch.testing.assert_close(g, mlellp_ext.posterior(logits, offsets, counts)[0] - torch.sigmoid(logits))
     with pytest.raises(RuntimeError, match="second derivatives"):
         g.sum().backward()
-    with pytest.raises(RuntimeError, match="torch.func transforms .* are not supported"):
-        torch.func.jacfwd(f)(logits)
-    with pytest.raises(RuntimeError, match="torch.func transforms"):
-        torch.func.grad(f)(logits)
+    for second in (torch.func.hessian, lambda h: torch.func.jacrev(torch.func.jacrev(h)),
+                   lambda h: torch.func.jacfwd(torch.func.grad(h))):
+        with pytest.raises(RuntimeError, match="second derivatives"):
+            second(f)(logits)
+    # torch.ops called directly cannot serve torch.func's grad/jvp: a clear error, not zeros
+    direct = lambda x: post(x, offsets, counts)[1].sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="call it through mlellp_ext"):
+        torch.func.grad(direct)(logits)
+    with pytest.raises(RuntimeError, match="call it through mlellp_ext"):
+        torch.func.jvp(direct, (logits,), (torch.ones_like(logits),))
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():
         dual = fwAD.make_dual(logits, torch.ones_like(logits))
-        with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
-            f(dual)
-        with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+        with pytest.raises(RuntimeError, match="not differentiable"):
             mlellp_ext.log_pmf(dual, offsets)
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            torch.ops.mlellp.log_pmf(dual, offsets)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_jvp_low_precision(gen, device, dtype):
+    """Tangents of log_likelihood come in its dtype (float32 for 16-bit logits) and match
+    the reverse-mode gradient."""
+    logits, offsets, counts = random_bags(gen, 10, max_size=6, scale=1.0, dtype=dtype, device=device)
+    f = lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "none")  # noqa: E731
+    v = torch.randn(logits.shape, generator=gen).to(device=device, dtype=dtype)
+    value, tangent = torch.func.jvp(f, (logits,), (v,))
+    assert value.dtype == tangent.dtype == torch.float32
+    z = logits.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(z).sum(), z)
+    expect = torch.stack([(g.float() * v.float())[offsets[b]:offsets[b + 1]].sum() for b in range(offsets.numel() - 1)])
+    torch.testing.assert_close(tangent, expect, rtol=1e-2, atol=1e-2)
