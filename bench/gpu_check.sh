@@ -20,7 +20,7 @@ step() { echo "== $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG"; local rc=${PIP
 : > "$LOG"
 step $PY setup.py -q build_ext --inplace
 step $PY -m pytest -q -p no:cacheprovider tests
-SMALL="tests/test_posterior.py::test_matches_enumeration_float64 tests/test_posterior.py::test_infinite_logits tests/test_posterior.py::test_nan_stays_in_its_bag tests/test_errors.py::test_bad_input_cuda"
+SMALL="tests/test_posterior.py::test_matches_enumeration_float64 tests/test_posterior.py::test_infinite_logits tests/test_posterior.py::test_nan_stays_in_its_bag tests/test_errors.py::test_bad_input_cuda tests/test_second_order.py::test_phi_jvp_matches_enumeration tests/test_second_order.py::test_phi_jvp_edge_cases tests/test_errors.py::test_bad_input_phi_jvp"
 step compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -p no:cacheprovider -k cuda $SMALL
 step compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_posterior.py::test_matches_enumeration_float64
 step $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"

@@ -34,7 +34,7 @@ ESTEP_MODES = ("fresh", "recorded")
 
 def e_step(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor):
     """Soft targets phi (float32) and mean bag log-likelihood L of the bags."""
-    phi, log_lik = posterior(logits.float(), offsets, counts)
+    phi, log_lik = posterior(logits.detach().float(), offsets, counts)  # targets: no graph back to the logits
     return phi, float(log_lik.mean()) if log_lik.numel() else 0.0
 
 

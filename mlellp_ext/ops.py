@@ -93,6 +93,17 @@ def _posterior_backward_fake(grad_log_likelihood, phi, logits, offsets):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("mlellp::phi_jvp")
+def _phi_jvp_fake(tangent, logits, offsets, counts):
+    op = "phi_jvp"  # check_phi_jvp_layout of csrc/ops/checks.cpp
+    _check_layout_fake(op, logits, offsets, counts)
+    _check(op, tangent.shape == logits.shape,
+           lambda: f"tangent must have the shape of logits {list(logits.shape)}, got {list(tangent.shape)}")
+    _check_dtype(op, "tangent", tangent, _FLOATING, _FLOATING_TEXT)
+    _check_device(op, "tangent", tangent, logits)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("mlellp::log_pmf")
 def _log_pmf_fake(logits, offsets):
     _check_layout_fake("log_pmf", logits, offsets)
@@ -101,33 +112,36 @@ def _log_pmf_fake(logits, offsets):
 
 
 # -------------------------------------------------------------------- autograd
-# d log P_b / dz_i = phi_i - sigmoid(z_i) for i in bag b, so
-#   reverse mode: grad_z[i] = g[b] * (phi_i - sigmoid(z_i))      (posterior_backward)
-#   forward mode: tangent_L[b] = sum_{i in b} (phi_i - sigmoid(z_i)) * v_i
-# phi is not differentiable (marked so). Second derivatives would need d phi / dz,
-# which no kernel computes, so every route to them raises instead of returning zeros.
+# For i in bag b, with sigma = sigmoid(z) and C_b = Cov(h | S_b = y_b), symmetric:
+#   d log P_b / dz_i = phi_i - sigma_i          (posterior_backward: times g[b])
+#   d phi / dz       = C_b                      (phi_jvp: C_b u, forward and reverse alike)
+# so the Hessian of log P_b is C_b - diag(sigma (1 - sigma)), and every first and
+# second derivative is one of these products. Third derivatives (of phi_jvp w.r.t.
+# the logits) have no kernel and raise instead of returning zeros.
 #
 # The Autograd kernels are registered by hand, not with torch.library.register_autograd,
 # whose autograd.Function has no jvp: dual tensors would pass through with no tangent.
 # The same autograd.Functions, applied from the Python API, also serve torch.func
 # transforms (they need setup_context and a vmap rule, which a kernel cannot give).
-_SECOND_ORDER = ("second derivatives of the bag log-likelihood (double backward, Hessians, "
-                 "jacfwd/jacrev of a gradient) are not supported")
+_THIRD_ORDER = "third derivatives of the E-step (derivatives of mlellp::phi_jvp w.r.t. the logits) are not supported"
 
 
 def _has_tangent(tensors):
     return any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def _bag_index(offsets, num_instances):
+    """Bag of each instance."""
+    return torch.repeat_interleave(torch.arange(offsets.shape[0] - 1, device=offsets.device), offsets.diff(),
+                                   output_size=num_instances)
+
+
 def _bag_sums(values, offsets):
     """Per-bag sums of values (N,); 0 for an empty bag."""
-    num_bags = offsets.shape[0] - 1
-    bag = torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), offsets.diff(),
-                                  output_size=values.shape[0])
     # Zeros that vmap (jacfwd) batches as it batches values: index_add cannot add a
     # batched source into a fresh, unbatched zeros tensor.
-    zeros = torch.zeros_like(values.sum()).expand(num_bags)
-    return zeros.index_add(0, bag, values)
+    zeros = torch.zeros_like(values.sum()).expand(offsets.shape[0] - 1)
+    return zeros.index_add(0, _bag_index(offsets, values.shape[0]), values)
 
 
 def _batched(t, dim, batch):
@@ -172,6 +186,15 @@ def _posterior_backward_vmap(call, info, in_dims, grad_log_likelihood, phi, logi
     return grad.view(logits.shape), 0
 
 
+def _phi_jvp_vmap(call, info, in_dims, tangent, logits, offsets, counts):
+    batch = info.batch_size
+    logits = _batched(logits, in_dims[1], batch)
+    tiled = _tiled_offsets("phi_jvp", logits, offsets, in_dims[2])
+    out = call(_batched(tangent, in_dims[0], batch).reshape(-1), logits.reshape(-1), tiled,
+               _batched(counts, in_dims[3], batch).reshape(-1))
+    return out.view(logits.shape), 0
+
+
 def _log_pmf_vmap(call, info, in_dims, logits, offsets):
     logits = _batched(logits, in_dims[0], info.batch_size)
     tiled = _tiled_offsets("log_pmf", logits, offsets, in_dims[1])
@@ -180,23 +203,105 @@ def _log_pmf_vmap(call, info, in_dims, logits, offsets):
     return call(logits.reshape(-1), tiled).view(logits.shape[0], -1), 0
 
 
-class _PosteriorBackwardFn(torch.autograd.Function):
+def _below_autograd(name, *args):
+    """torch.ops.mlellp.<name> straight to its CPU/CUDA kernel (no autograd layer)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return getattr(torch.ops.mlellp, name)(*args)
+
+
+def _differentiable():
+    """Whether a derivative being computed must itself be differentiable (create_graph,
+    or a torch.func transform): then the Functions below are applied, else the ops."""
+    return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+
+
+def _phi_jvp(tangent, logits, offsets, counts):
+    if _differentiable():
+        return _PhiJvpFn.apply(tangent, logits, offsets, counts)
+    return _below_autograd("phi_jvp", tangent, logits, offsets, counts)
+
+
+def _log_lik_grad(grad_log_likelihood, phi, logits, offsets):
+    if _differentiable():
+        return _PosteriorBackwardFn.apply(grad_log_likelihood, phi, logits, offsets)
+    return _below_autograd("posterior_backward", grad_log_likelihood, phi, logits, offsets)
+
+
+class _PhiJvpFn(torch.autograd.Function):
+    """tangent -> C_b tangent: linear in tangent with the same (symmetric) matrix."""
+
     @staticmethod
-    def forward(grad_log_likelihood, phi, logits, offsets):
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.mlellp.posterior_backward(grad_log_likelihood, phi, logits, offsets)
+    def forward(tangent, logits, offsets, counts):
+        return _below_autograd("phi_jvp", tangent, logits, offsets, counts)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        _tangent, logits, offsets, counts = inputs
+        ctx.set_materialize_grads(False)  # None, not zeros, for the logits' absent tangent
+        ctx.save_for_backward(logits, offsets, counts)
+        ctx.save_for_forward(logits, offsets, counts)
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError(f"mlellp::posterior_backward is not differentiable: {_SECOND_ORDER}")
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError(_THIRD_ORDER)
+        logits, offsets, counts = ctx.saved_tensors
+        return None if grad is None else _phi_jvp(grad, logits, offsets, counts), None, None, None
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(f"mlellp::posterior_backward has no forward-mode derivative: {_SECOND_ORDER}")
+    def jvp(ctx, tangent_tangent, tangent_logits, _tangent_offsets, _tangent_counts):
+        if tangent_logits is not None:
+            raise RuntimeError(_THIRD_ORDER)
+        logits, offsets, counts = ctx.saved_tensors
+        if tangent_tangent is None:
+            return torch.zeros_like(logits)
+        return _phi_jvp(tangent_tangent, logits, offsets, counts)
+
+    vmap = staticmethod(lambda info, in_dims, *args: _phi_jvp_vmap(_PhiJvpFn.apply, info, in_dims, *args))
+
+
+class _PosteriorBackwardFn(torch.autograd.Function):
+    """(g, phi, z) -> g[b] (phi_i - sigma_i); phi's own dependence on z, if any, reaches
+    the logits through posterior's backward (phi_jvp)."""
+
+    @staticmethod
+    def forward(grad_log_likelihood, phi, logits, offsets):
+        return _below_autograd("posterior_backward", grad_log_likelihood, phi, logits, offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_log_likelihood, phi, logits, offsets = inputs
+        ctx.save_for_backward(grad_log_likelihood, phi, logits, offsets)
+        ctx.save_for_forward(grad_log_likelihood, phi, logits, offsets)
+
+    @staticmethod
+    def _terms(g, phi, logits, offsets):
+        # In the compute dtype; sigma' = sigma (1 - sigma), exactly 0 at +-inf logits.
+        dtype = _compute_dtype(logits.dtype)
+        sigma = torch.sigmoid(logits.to(dtype))
+        g_i = g.to(dtype)[_bag_index(offsets, logits.shape[0])]
+        return phi.to(dtype) - sigma, g_i, sigma * (1 - sigma), dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, phi, logits, offsets = ctx.saved_tensors
+        slope, g_i, curvature, dtype = _PosteriorBackwardFn._terms(g, phi, logits, offsets)
+        w = grad.to(dtype)
+        return (_bag_sums(w * slope, offsets).to(g.dtype), (w * g_i).to(phi.dtype),
+                (-w * g_i * curvature).to(logits.dtype), None)
+
+    @staticmethod
+    def jvp(ctx, tangent_g, tangent_phi, tangent_logits, _tangent_offsets):
+        g, phi, logits, offsets = ctx.saved_tensors
+        slope, g_i, curvature, dtype = _PosteriorBackwardFn._terms(g, phi, logits, offsets)
+        out = torch.zeros_like(slope)
+        if tangent_g is not None:
+            out = out + tangent_g.to(dtype)[_bag_index(offsets, logits.shape[0])] * slope
+        if tangent_phi is not None:
+            out = out + g_i * tangent_phi.to(dtype)
+        if tangent_logits is not None:
+            out = out - g_i * curvature * tangent_logits.to(dtype)
+        return out.to(logits.dtype)
 
     vmap = staticmethod(lambda info, in_dims, *args: _posterior_backward_vmap(
         _PosteriorBackwardFn.apply, info, in_dims, *args))
@@ -205,32 +310,33 @@ class _PosteriorBackwardFn(torch.autograd.Function):
 class _PosteriorFn(torch.autograd.Function):
     @staticmethod
     def forward(logits, offsets, counts):
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.mlellp.posterior(logits, offsets, counts)
+        return _below_autograd("posterior", logits, offsets, counts)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, offsets, _counts = inputs
+        logits, offsets, counts = inputs
         phi, _log_lik = output
-        ctx.mark_non_differentiable(phi)
-        ctx.save_for_backward(phi, logits, offsets)
-        ctx.save_for_forward(phi, logits, offsets)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no phi_jvp for it
+        ctx.save_for_backward(phi, logits, offsets, counts)
+        ctx.save_for_forward(phi, logits, offsets, counts)
 
     @staticmethod
-    def backward(ctx, _grad_phi, grad_log_lik):
-        phi, logits, offsets = ctx.saved_tensors
-        if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
-            # create_graph or a torch.func transform: the Function that refuses second derivatives
-            return _PosteriorBackwardFn.apply(grad_log_lik, phi, logits, offsets), None, None
-        with torch._C._AutoDispatchBelowAutograd():  # a plain backward: skip a second autograd layer
-            return torch.ops.mlellp.posterior_backward(grad_log_lik, phi, logits, offsets), None, None
+    def backward(ctx, grad_phi, grad_log_lik):
+        phi, logits, offsets, counts = ctx.saved_tensors
+        grad = None
+        if grad_log_lik is not None:
+            grad = _log_lik_grad(grad_log_lik, phi, logits, offsets)
+        if grad_phi is not None:
+            grad_phi = _phi_jvp(grad_phi, logits, offsets, counts)
+            grad = grad_phi if grad is None else grad + grad_phi
+        return grad, None, None
 
     @staticmethod
     def jvp(ctx, tangent_logits, _tangent_offsets, _tangent_counts):
-        phi, logits, offsets = ctx.saved_tensors
+        phi, logits, offsets, counts = ctx.saved_tensors
         dtype = _compute_dtype(logits.dtype)
         slope = (phi.to(dtype) - torch.sigmoid(logits.to(dtype))) * tangent_logits.to(dtype)
-        return None, _bag_sums(slope, offsets)
+        return _phi_jvp(tangent_logits, logits, offsets, counts), _bag_sums(slope, offsets)
 
     vmap = staticmethod(lambda info, in_dims, *args: _posterior_vmap(_PosteriorFn.apply, info, in_dims, *args))
 
@@ -238,8 +344,7 @@ class _PosteriorFn(torch.autograd.Function):
 class _LogPmfFn(torch.autograd.Function):
     @staticmethod
     def forward(logits, offsets):
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.mlellp.log_pmf(logits, offsets)
+        return _below_autograd("log_pmf", logits, offsets)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -266,8 +371,7 @@ def _autograd_kernel(name, fn):
     def kernel(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not ((torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or _has_tangent(tensors)):
-            with torch._C._AutoDispatchBelowAutograd():
-                return getattr(torch.ops.mlellp, name)(*args)
+            return _below_autograd(name, *args)
         if torch._C._are_functorch_transforms_active():
             # A kernel cannot serve torch.func's grad/jvp (the transform must see the
             # autograd.Function itself), so say where they work.
@@ -292,11 +396,12 @@ def _ctx_in_forward(fn):
 
 
 _lib = torch.library.Library("mlellp", "IMPL")
-for _name, _fn in (("posterior", _PosteriorFn), ("posterior_backward", _PosteriorBackwardFn), ("log_pmf", _LogPmfFn)):
+for _name, _fn in (("posterior", _PosteriorFn), ("posterior_backward", _PosteriorBackwardFn), ("phi_jvp", _PhiJvpFn),
+                   ("log_pmf", _LogPmfFn)):
     _lib.impl(_name, _autograd_kernel(_name, _ctx_in_forward(_fn)), "Autograd")
 # For torch.vmap over torch.ops.mlellp.* called directly (without these, vmap loops over the batch).
 for _name, _rule in (("posterior", _posterior_vmap), ("posterior_backward", _posterior_backward_vmap),
-                     ("log_pmf", _log_pmf_vmap)):
+                     ("phi_jvp", _phi_jvp_vmap), ("log_pmf", _log_pmf_vmap)):
     torch.library.register_vmap(f"mlellp::{_name}", functools.partial(_rule, getattr(torch.ops.mlellp, _name)),
                                 lib=_lib)
 
@@ -330,9 +435,11 @@ def posterior(logits, offsets=None, counts=None):
         counts: (B,) int64 with ``0 <= counts[b] <= n_b``.
 
     Returns:
-        phi: (N,) in the dtype of logits (nested if logits is nested); not
-            differentiable. Exactly 0 where counts[b] = 0 and exactly 1 where
-            counts[b] = n_b.
+        phi: (N,) in the dtype of logits (nested if logits is nested).
+            Exactly 0 where counts[b] = 0 and exactly 1 where counts[b] = n_b.
+            Differentiable (d phi / dz = Cov(h | S_b = counts[b]), the op
+            ``phi_jvp``, ~16-20x the forward's cost): detach it where it is a
+            fixed target, as in the EM's M-step.
         log_likelihood: (B,) float32 for float16/bfloat16/float32 logits,
             float64 for float64; differentiable w.r.t. logits. 0 for an empty
             bag. A bag whose count infinite logits make impossible gets

@@ -1,8 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 import zlib
 
-import pytest
-import torch
+# torch.compile's on-disk caches key a compiled backward by its graph and torch, not by
+# the Python autograd code of these ops: a cache from an older checkout would replay its
+# backward. Each test session compiles afresh.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlellp-inductor-")
+atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import mlellp_ext  # noqa: F401  (loads the ops)
 

@@ -23,7 +23,7 @@ def test_gradient_identity(gen, device):
     logits, offsets, counts = random_bags(gen, 200, device=device)
     z = logits.clone().requires_grad_(True)
     phi, ll = post(z, offsets, counts)
-    assert not phi.requires_grad and ll.requires_grad
+    assert phi.requires_grad and ll.requires_grad
     ll.sum().backward()
     torch.testing.assert_close(z.grad, phi - torch.sigmoid(logits), rtol=0, atol=1e-14)
 
@@ -37,6 +37,8 @@ def test_opcheck(gen, device, dtype):
     torch.library.opcheck(torch.ops.mlellp.log_pmf.default, (logits, offsets))
     phi, ll = post(logits, offsets, counts)
     torch.library.opcheck(torch.ops.mlellp.posterior_backward.default, (torch.ones_like(ll), phi, logits, offsets))
+    tangent = torch.randn(logits.shape, generator=gen, dtype=dtype).to(device)
+    torch.library.opcheck(torch.ops.mlellp.phi_jvp.default, (tangent.requires_grad_(True), logits, offsets, counts))
 
 
 def test_log_pmf_backward_raises(gen):
@@ -73,10 +75,11 @@ def _loop(fn, rows):
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_mode_and_batched_gradcheck(gen, device):
     """Forward-mode AD (dual tensors, torch.func.jvp) used to pass through the ops with a
-    zero tangent; gradcheck now compares forward- and reverse-mode, batched too."""
+    zero tangent; gradcheck now compares forward- and reverse-mode, batched too, for both
+    outputs (phi used to be non-differentiable)."""
     logits, offsets, counts = random_bags(gen, 20, max_size=8, device=device)
     z = logits.clone().requires_grad_(True)
-    for f in (lambda t: post(t, offsets, counts)[1], lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "none")):
+    for f in (lambda t: post(t, offsets, counts), lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "none")):
         assert torch.autograd.gradcheck(f, (z,), check_forward_ad=True, check_batched_grad=True,
                                         check_batched_forward_grad=True)
 
@@ -138,38 +141,6 @@ def test_vmap_bad_layout_raises(gen):
         torch.func.vmap(f)(rows.unsqueeze(1))
 
 
-def test_unsupported_derivatives_raise(gen):
-    """Second derivatives have no kernel (d phi / dz): every route to them used to give
-    zeros (with at most a warning) and must raise instead."""
-    logits, offsets, counts = random_bags(gen, 4, min_size=2)
-    f = lambda x: mlellp_ext.bag_log_likelihood(x, offsets, counts, "sum")  # noqa: E731
-    with pytest.raises(RuntimeError, match="second derivatives .* are not supported"):
-        torch.autograd.functional.hessian(f, logits)
-    z = logits.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(f(z), z, create_graph=True)  # first derivatives still work under create_graph
-    torch.testing.assert_close(g, mlellp_ext.posterior(logits, offsets, counts)[0] - torch.sigmoid(logits))
-    with pytest.raises(RuntimeError, match="second derivatives"):
-        g.sum().backward()
-    for second in (torch.func.hessian, lambda h: torch.func.jacrev(torch.func.jacrev(h)),
-                   lambda h: torch.func.jacfwd(torch.func.grad(h))):
-        with pytest.raises(RuntimeError, match="second derivatives"):
-            second(f)(logits)
-    # torch.ops called directly cannot serve torch.func's grad/jvp: a clear error, not zeros
-    direct = lambda x: post(x, offsets, counts)[1].sum()  # noqa: E731
-    with pytest.raises(RuntimeError, match="call it through mlellp_ext"):
-        torch.func.grad(direct)(logits)
-    with pytest.raises(RuntimeError, match="call it through mlellp_ext"):
-        torch.func.jvp(direct, (logits,), (torch.ones_like(logits),))
-    import torch.autograd.forward_ad as fwAD
-
-    with fwAD.dual_level():
-        dual = fwAD.make_dual(logits, torch.ones_like(logits))
-        with pytest.raises(RuntimeError, match="not differentiable"):
-            mlellp_ext.log_pmf(dual, offsets)
-        with pytest.raises(RuntimeError, match="not differentiable"):
-            torch.ops.mlellp.log_pmf(dual, offsets)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_jvp_low_precision(gen, device, dtype):
@@ -180,6 +151,8 @@ def test_jvp_low_precision(gen, device, dtype):
     v = torch.randn(logits.shape, generator=gen).to(device=device, dtype=dtype)
     value, tangent = torch.func.jvp(f, (logits,), (v,))
     assert value.dtype == tangent.dtype == torch.float32
+    phi, phi_tangent = torch.func.jvp(lambda t: mlellp_ext.posterior(t, offsets, counts)[0], (logits,), (v,))
+    assert phi.dtype == phi_tangent.dtype == dtype
     z = logits.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(f(z).sum(), z)
     expect = torch.stack([(g.float() * v.float())[offsets[b]:offsets[b + 1]].sum() for b in range(offsets.numel() - 1)])

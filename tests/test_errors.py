@@ -41,6 +41,38 @@ def test_bad_input_posterior(case):
         post(*change(*good()))
 
 
+@pytest.mark.parametrize("case", range(len(BAD)))
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_phi_jvp(case, device):
+    """phi_jvp takes posterior's (logits, offsets, counts) and checks them the same way,
+    on CPU and CUDA and in its fake kernel."""
+    change, message = BAD[case]
+    z, o, c = (t.to(device) for t in change(*good()))
+    tangent = torch.randn(z.shape, device=device)
+    with pytest.raises(ValueError, match=r"phi_jvp: .*" + message):
+        torch.ops.mlellp.phi_jvp(tangent, z, o, c)
+    if case >= 7:  # layout cases: the fake kernel says the same
+        with pytest.raises(ValueError, match=r"phi_jvp: .*" + message):
+            torch.ops.mlellp.phi_jvp(*(t.to("meta") for t in (tangent, z, o, c)))
+    if device == "cuda":
+        torch.cuda.synchronize()  # an out-of-bounds access would surface here
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t[:5], r"tangent must have the shape of logits \[6\], got \[5\]"),
+    (lambda t: t.long(), r"tangent must be float32, .* got Long"),
+    (lambda t: t.to("meta"), r"tangent is on meta but logits is on cpu"),
+])
+def test_bad_tangent_phi_jvp(change, message):
+    z, o, c = good()
+    tangent = change(torch.randn(6))
+    with pytest.raises(ValueError, match=message):
+        torch.ops.mlellp.phi_jvp(tangent, z, o, c)
+    if tangent.device.type != "meta":
+        with pytest.raises(ValueError, match=message):
+            torch.ops.mlellp.phi_jvp(tangent.to("meta"), z.to("meta"), o.to("meta"), c.to("meta"))
+
+
 @pytest.mark.parametrize("case", [3, 4, 5, 7, 8, 9, 10, 11])
 def test_bad_input_log_pmf(case):
     change, message = BAD[case]

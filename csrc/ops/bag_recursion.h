@@ -730,5 +730,143 @@ MLELLP_HD T log_lik_grad(T grad_out, T phi, T z) {
   return grad_out * (phi - p);
 }
 
+// ---------------------------------------------------------------------------
+// Jacobian of phi times a tangent u, for one bag with count y:
+//   out_i = sum_j d phi_i / d z_j u_j = sum_j Cov(h_i, h_j | S = y) u_j
+//         = E[h_i T | S = y] - phi_i E[T | S = y],   T = sum_j h_j u_j.
+// The Jacobian is symmetric, so this is both the forward- (jvp) and the
+// reverse-mode (vjp) product. Rows carry, beside log a_i(k) (as LogArith), the
+// conditional mean m_i(k) = E[T_{<=i} | S_{<=i} = k]; each step mixes the two
+// ways into count k with weights that sum to 1,
+//   m_i(k) = w0 m_{i-1}(k) + w1 (m_{i-1}(k-1) + u_i),
+// so m never overflows and needs no rescaling; the backward rows carry
+// E[T_{>i} | k + S_{>i} = y] the same way. u is first centred on its bag mean:
+// Cov(h_i, S | S = y) = 0, so that changes nothing but the rounding (T's mean
+// would otherwise cancel). Log space throughout (one exp per cell): this op is
+// for second derivatives, rarer than the E-step. Forward rows are checkpointed
+// every s ~ sqrt(n) rows and recomputed a block at a time in the backward sweep,
+// so memory is O((n / s + s) W) with W = min(y, n - y) + 1.
+MLELLP_HD int64_t phi_jvp_block(int64_t n) {
+  int64_t s = 1;
+  while (s * s < n) ++s;
+  return s;
+}
+
+// Workspace entries (of T) phi_jvp_bag needs; 0 where phi is constant (y = 0 or n).
+MLELLP_HD int64_t phi_jvp_workspace(int64_t n, int64_t y) {
+  if (y <= 0 || y >= n) return 0;
+  const int64_t W = imin(y, n - y) + 1, s = phi_jvp_block(n);
+  return 2 * W * ((n + s - 1) / s + s + 2);
+}
+
+// Row i of the forward recursion from row i - 1 (log a in la, conditional mean in m).
+template <typename T>
+MLELLP_HD void phi_jvp_forward_row(const Band& band, int64_t i, T lp, T lq, T u, const T* la0, const T* m0,
+                                   T* la1, T* m1) {
+  const int64_t lo0 = band.lo(i - 1), hi0 = band.hi(i - 1), lo1 = band.lo(i), hi1 = band.hi(i);
+  for (int64_t k = lo1; k <= hi1; ++k) {
+    const bool off = k >= lo0 && k <= hi0, on = k - 1 >= lo0 && k - 1 <= hi0;  // h_i = 0 / h_i = 1
+    const T a0 = off ? lq + la0[k - lo0] : -inf_value<T>();
+    const T a1 = on ? lp + la0[k - 1 - lo0] : -inf_value<T>();
+    const T l = log_add_exp(a0, a1);
+    la1[k - lo1] = l;
+    if (l == -inf_value<T>()) {  // count k unreachable: its mean is never weighted
+      m1[k - lo1] = T(0);
+      continue;
+    }
+    m1[k - lo1] = (off ? m_exp(a0 - l) * m0[k - lo0] : T(0)) + (on ? m_exp(a1 - l) * (m0[k - 1 - lo0] + u) : T(0));
+  }
+}
+
+// Row i - 1 of the backward recursion from row i.
+template <typename T>
+MLELLP_HD void phi_jvp_backward_row(const Band& band, int64_t i, T lp, T lq, T u, const T* lg1, const T* n1,
+                                    T* lg0, T* n0) {
+  const int64_t lo0 = band.lo(i - 1), hi0 = band.hi(i - 1), lo1 = band.lo(i), hi1 = band.hi(i);
+  for (int64_t k = lo0; k <= hi0; ++k) {
+    const bool off = k >= lo1 && k <= hi1, on = k + 1 >= lo1 && k + 1 <= hi1;
+    const T a0 = off ? lq + lg1[k - lo1] : -inf_value<T>();
+    const T a1 = on ? lp + lg1[k + 1 - lo1] : -inf_value<T>();
+    const T l = log_add_exp(a0, a1);
+    lg0[k - lo0] = l;
+    if (l == -inf_value<T>()) {
+      n0[k - lo0] = T(0);
+      continue;
+    }
+    n0[k - lo0] = (off ? m_exp(a0 - l) * n1[k - lo1] : T(0)) + (on ? m_exp(a1 - l) * (n1[k + 1 - lo1] + u) : T(0));
+  }
+}
+
+// out[0..n) = Cov(h | S = y) u for one bag (z, u: its n logits and tangents;
+// 0 <= y <= n validated by the caller). ws: phi_jvp_workspace(n, y) entries.
+// NaN for a bag whose count infinite logits make impossible (phi is NaN there too).
+template <typename T>
+MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y, T* out, T* ws) {
+  if (y <= 0 || y >= n) {  // phi is exactly 0 or 1 whatever the logits
+    for (int64_t i = 0; i < n; ++i) out[i] = T(0);
+    return;
+  }
+  const Band band{n, y, y};
+  const int64_t W = band.width(), s = phi_jvp_block(n), num_ck = (n + s - 1) / s;
+  T* ck_la = ws;                       // checkpoints: rows 0, s, 2s, ... < n
+  T* ck_m = ck_la + num_ck * W;
+  T* blk_la = ck_m + num_ck * W;       // one block of forward rows, recomputed
+  T* blk_m = blk_la + s * W;
+  T* ra = blk_m + s * W;               // two rolling rows (la/lg, m/n) x 2
+  T* rb = ra + 2 * W;
+  T mean = T(0);
+  for (int64_t i = 0; i < n; ++i) mean += u_in[i];
+  mean /= static_cast<T>(n);
+  // Forward pass to row n: checkpoints, then log P(S = y) and E[T | S = y].
+  ra[0] = T(0);      // row 0: count 0 with probability 1
+  ra[W] = T(0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i % s == 0) {
+      for (int64_t k = 0; k <= band.hi(i) - band.lo(i); ++k) {
+        ck_la[(i / s) * W + k] = ra[k];
+        ck_m[(i / s) * W + k] = ra[W + k];
+      }
+    }
+    T lp, lq;
+    log_sigmoid_pair(z[i], &lp, &lq);
+    phi_jvp_forward_row(band, i + 1, lp, lq, u_in[i] - mean, ra, ra + W, rb, rb + W);
+    T* t = ra; ra = rb; rb = t;
+  }
+  const T log_p = ra[0], mean_t = ra[W];  // row n holds only count y
+  // Backward sweep: g_n = 1 at count y.
+  ra[0] = T(0);
+  ra[W] = T(0);
+  for (int64_t blk = num_ck - 1; blk >= 0; --blk) {
+    const int64_t first = blk * s, last = imin(first + s, n);  // forward rows first .. last - 1
+    for (int64_t k = 0; k <= band.hi(first) - band.lo(first); ++k) {
+      blk_la[k] = ck_la[blk * W + k];
+      blk_m[k] = ck_m[blk * W + k];
+    }
+    for (int64_t r = first + 1; r < last; ++r) {
+      T lp, lq;
+      log_sigmoid_pair(z[r - 1], &lp, &lq);
+      phi_jvp_forward_row(band, r, lp, lq, u_in[r - 1] - mean, blk_la + (r - 1 - first) * W,
+                          blk_m + (r - 1 - first) * W, blk_la + (r - first) * W, blk_m + (r - first) * W);
+    }
+    for (int64_t i = last; i > first; --i) {  // instance i (1-based): forward row i - 1, backward row i
+      T lp, lq;
+      log_sigmoid_pair(z[i - 1], &lp, &lq);
+      const T u = u_in[i - 1] - mean;
+      const T* la = blk_la + (i - 1 - first) * W;
+      const T* m = blk_m + (i - 1 - first) * W;
+      const int64_t lo0 = band.lo(i - 1), hi0 = band.hi(i - 1), lo1 = band.lo(i), hi1 = band.hi(i);
+      T acc = T(0);
+      for (int64_t k = lo0; k <= hi0; ++k) {
+        if (k + 1 < lo1 || k + 1 > hi1) continue;
+        const T w = m_exp(la[k - lo0] + lp + ra[k + 1 - lo1] - log_p);  // P(h_i = 1, S_<i = k | S = y)
+        if (w != T(0)) acc += w * (m[k - lo0] + u + ra[W + k + 1 - lo1] - mean_t);
+      }
+      out[i - 1] = log_p == -inf_value<T>() ? nan_value<T>() : acc;
+      phi_jvp_backward_row(band, i, lp, lq, u, ra, ra + W, rb, rb + W);
+      T* t = ra; ra = rb; rb = t;
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace mlellp

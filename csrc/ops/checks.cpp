@@ -55,6 +55,17 @@ void check_backward_layout(const char* op, const at::Tensor& grad_log_lik, const
                     logits.device());
 }
 
+void check_phi_jvp_layout(const char* op, const at::Tensor& tangent, const at::Tensor& logits,
+                          const at::Tensor& offsets, const at::Tensor& counts) {
+  check_bag_layout(op, logits, offsets, &counts);
+  TORCH_CHECK_VALUE(tangent.sizes() == logits.sizes(), op, ": tangent must have the shape of logits ", logits.sizes(),
+                    ", got ", tangent.sizes());
+  TORCH_CHECK_VALUE(is_floating(tangent.scalar_type()), op,
+                    ": tangent must be float32, float64, float16 or bfloat16, got ", tangent.scalar_type());
+  TORCH_CHECK_VALUE(tangent.device() == logits.device(), op, ": tangent is on ", tangent.device(),
+                    " but logits is on ", logits.device());
+}
+
 void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,
                            const int64_t* counts) {
   TORCH_CHECK_VALUE(offsets[0] == 0, op, ": offsets[0] must be 0, got ", offsets[0]);

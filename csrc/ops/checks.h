@@ -19,6 +19,11 @@ void check_bag_layout(const char* op, const at::Tensor& logits, const at::Tensor
 void check_backward_layout(const char* op, const at::Tensor& grad_log_lik, const at::Tensor& phi,
                            const at::Tensor& logits, const at::Tensor& offsets);
 
+// phi_jvp's inputs: check_bag_layout of (logits, offsets, counts), then tangent
+// (shape of logits, floating, on logits' device). Reads no tensor data.
+void check_phi_jvp_layout(const char* op, const at::Tensor& tangent, const at::Tensor& logits,
+                          const at::Tensor& offsets, const at::Tensor& counts);
+
 // Values of offsets (0 first, non-decreasing, N last) and counts (0 <= c_b <= n_b),
 // from host pointers. counts may be nullptr.
 void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_bags,
