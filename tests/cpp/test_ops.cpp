@@ -63,6 +63,41 @@ void test_header_against_enumeration() {
   }
 }
 
+// Cov(h | S = y) u by enumeration, against phi_jvp_bag (bags up to 14: several checkpoint blocks).
+void test_phi_jvp_against_enumeration() {
+  std::mt19937_64 rng(99);
+  std::normal_distribution<double> normal(0.0, 2.0);
+  for (int bag = 0; bag < 300; ++bag) {
+    const int n = 1 + bag % 14;
+    const int y = static_cast<int>(rng() % (n + 1));
+    std::vector<double> z(n), u(n), out(n);
+    for (double& v : z) v = normal(rng);
+    for (double& v : u) v = normal(rng);
+    std::vector<double> ws(mlellp::detail::phi_jvp_workspace(n, y));
+    mlellp::detail::phi_jvp_bag(z.data(), u.data(), n, y, out.data(), ws.data());
+    // E[h_i T] - phi_i E[T] over the labelings with y positives
+    double log_lik;
+    std::vector<double> phi;
+    enumerate(z, y, &log_lik, &phi);
+    std::vector<double> eht(n, 0.0);
+    double et = 0;
+    for (unsigned m = 0; m < (1u << n); ++m) {
+      if (__builtin_popcount(m) != y) continue;
+      double lw = 0, t = 0;
+      for (int i = 0; i < n; ++i) {
+        const bool on = (m >> i) & 1u;
+        lw += on ? -std::log1p(std::exp(-z[i])) : -std::log1p(std::exp(z[i]));
+        t += on ? u[i] : 0.0;
+      }
+      const double w = std::exp(lw - log_lik);
+      et += w * t;
+      for (int i = 0; i < n; ++i)
+        if ((m >> i) & 1u) eht[i] += w * t;
+    }
+    for (int i = 0; i < n; ++i) expect_near(out[i], eht[i] - phi[i] * et, 1e-10, "phi_jvp", bag);
+  }
+}
+
 void test_dispatcher() {
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("mlellp::posterior", "")
@@ -94,6 +129,7 @@ void test_dispatcher() {
 
 int main() {
   test_header_against_enumeration();
+  test_phi_jvp_against_enumeration();
   test_dispatcher();
   std::printf("%s: %d failures\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
