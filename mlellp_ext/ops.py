@@ -155,7 +155,7 @@ def _tiled_offsets(op, logits, offsets, offsets_dim):
         raise ValueError(f"{op}: vmap over offsets is not supported (every batch entry must share "
                          f"the bag layout); vmap over logits and counts instead")
     batch = logits.shape[0]
-    _check_layout_fake(op, logits[0], offsets)
+    _check_layout_fake(op, logits[0] if batch else logits.new_empty(logits.shape[1:]), offsets)
     n = logits.shape[1]
     # The kernel checks offsets[0..B-1] of the tiled layout as it would the original
     # (entry 0 comes first), but a wrong offsets[-1] would shift the bags instead.
@@ -174,7 +174,7 @@ def _posterior_vmap(call, info, in_dims, logits, offsets, counts):
     tiled = _tiled_offsets("posterior", logits, offsets, in_dims[1])
     counts = _batched(counts, in_dims[2], batch)
     phi, log_lik = call(logits.reshape(-1), tiled, counts.reshape(-1))
-    return (phi.view(logits.shape), log_lik.view(batch, -1)), (0, 0)
+    return (phi.view(logits.shape), log_lik.view(batch, offsets.shape[0] - 1)), (0, 0)
 
 
 def _posterior_backward_vmap(call, info, in_dims, grad_log_likelihood, phi, logits, offsets):
@@ -200,7 +200,7 @@ def _log_pmf_vmap(call, info, in_dims, logits, offsets):
     tiled = _tiled_offsets("log_pmf", logits, offsets, in_dims[1])
     # Entry k's bag b holds its n_b + 1 values from tiled[kB + b] + kB + b =
     # k (n + B) + offsets[b] + b: each entry's block is contiguous, laid out as unbatched.
-    return call(logits.reshape(-1), tiled).view(logits.shape[0], -1), 0
+    return call(logits.reshape(-1), tiled).view(logits.shape[0], logits.shape[1] + offsets.shape[0] - 1), 0
 
 
 def _below_autograd(name, *args):
@@ -209,22 +209,38 @@ def _below_autograd(name, *args):
         return getattr(torch.ops.mlellp, name)(*args)
 
 
-def _differentiable():
-    """Whether a derivative being computed must itself be differentiable (create_graph,
-    or a torch.func transform): then the Functions below are applied, else the ops."""
-    return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+def _differentiable(*tensors):
+    """Whether a derivative being computed from these tensors must itself be
+    differentiable (create_graph, a torch.func transform, or forward-mode tangents on
+    them): then the Functions below are applied, else the ops."""
+    return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or _has_tangent(tensors)
 
 
 def _phi_jvp(tangent, logits, offsets, counts):
-    if _differentiable():
+    if _differentiable(tangent, logits):
         return _PhiJvpFn.apply(tangent, logits, offsets, counts)
     return _below_autograd("phi_jvp", tangent, logits, offsets, counts)
 
 
 def _log_lik_grad(grad_log_likelihood, phi, logits, offsets):
-    if _differentiable():
+    if _differentiable(grad_log_likelihood, phi, logits):
         return _PosteriorBackwardFn.apply(grad_log_likelihood, phi, logits, offsets)
     return _below_autograd("posterior_backward", grad_log_likelihood, phi, logits, offsets)
+
+
+def _input_grad_used(ctx, index):
+    """Whether backward's gradient for input `index` will be used. needs_input_grad is
+    fixed at the forward; autograd.grad(..., inputs=) may not ask for that input."""
+    if not ctx.needs_input_grad[index]:
+        return False
+    node = ctx.next_functions[index][0]
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # private; assume used without it
+    if node is None or will_execute is None:
+        return True
+    try:
+        return bool(will_execute(node))
+    except RuntimeError:
+        return True
 
 
 class _PhiJvpFn(torch.autograd.Function):
@@ -243,7 +259,7 @@ class _PhiJvpFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.needs_input_grad[1]:
+        if _input_grad_used(ctx, 1):
             raise RuntimeError(_THIRD_ORDER)
         logits, offsets, counts = ctx.saved_tensors
         return None if grad is None else _phi_jvp(grad, logits, offsets, counts), None, None, None
@@ -367,10 +383,17 @@ _LOG_PMF_NOT_DIFFERENTIABLE = (
 )
 
 
+def _needs_autodiff(*tensors):
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or _has_tangent(tensors)
+
+
+def _is_functorch_wrapped(*args):
+    return any(isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args)
+
+
 def _autograd_kernel(name, fn):
     def kernel(*args):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not ((torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or _has_tangent(tensors)):
+        if not _needs_autodiff(*[a for a in args if isinstance(a, torch.Tensor)]):
             return _below_autograd(name, *args)
         if torch._C._are_functorch_transforms_active():
             # A kernel cannot serve torch.func's grad/jvp (the transform must see the
@@ -410,8 +433,7 @@ for _name, _rule in (("posterior", _posterior_vmap), ("posterior_backward", _pos
 def _apply(fn, op, *args):
     """The op, or under a torch.func transform its autograd.Function (which the
     transform needs to see to differentiate or batch it)."""
-    if not torch.compiler.is_compiling() and any(
-            isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args):
+    if not torch.compiler.is_compiling() and _is_functorch_wrapped(*args):
         return fn.apply(*args)
     return op(*args)
 
@@ -438,7 +460,7 @@ def posterior(logits, offsets=None, counts=None):
         phi: (N,) in the dtype of logits (nested if logits is nested).
             Exactly 0 where counts[b] = 0 and exactly 1 where counts[b] = n_b.
             Differentiable (d phi / dz = Cov(h | S_b = counts[b]), the op
-            ``phi_jvp``, ~12x the forward's cost): detach it where it is a
+            ``phi_jvp``, ~10x the forward's cost): detach it where it is a
             fixed target, as in the EM's M-step.
         log_likelihood: (B,) float32 for float16/bfloat16/float32 logits,
             float64 for float64; differentiable w.r.t. logits. 0 for an empty

@@ -157,3 +157,11 @@ def test_jvp_low_precision(gen, device, dtype):
     (g,) = torch.autograd.grad(f(z).sum(), z)
     expect = torch.stack([(g.float() * v.float())[offsets[b]:offsets[b + 1]].sum() for b in range(offsets.numel() - 1)])
     torch.testing.assert_close(tangent, expect, rtol=1e-2, atol=1e-2)
+
+
+def test_vmap_empty_batch(gen):
+    logits, offsets, counts = random_bags(gen, 5, min_size=1)
+    empty = logits.new_empty((0, logits.numel()))
+    phi, ll = torch.func.vmap(lambda t: mlellp_ext.posterior(t, offsets, counts))(empty)
+    assert phi.shape == (0, logits.numel()) and ll.shape == (0, 5)
+    assert torch.func.vmap(lambda t: mlellp_ext.log_pmf(t, offsets))(empty).shape == (0, logits.numel() + 5)

@@ -177,3 +177,18 @@ def test_meta_beside_cpu_is_a_device_error(where):
     if where < 2:
         with pytest.raises(ValueError, match=message):
             log_pmf(*args[:2])
+
+
+@pytest.mark.parametrize("op, args, name", [
+    (torch.ops.mlellp.posterior, (torch.randn(3), None, torch.tensor([1])), "offsets"),
+    (torch.ops.mlellp.posterior, (torch.randn(3), torch.tensor([0, 3]), None), "counts"),
+    (torch.ops.mlellp.phi_jvp, (None, torch.randn(3), torch.tensor([0, 3]), torch.tensor([1])), "tangent"),
+    (torch.ops.mlellp.phi_jvp, (torch.randn(3), torch.randn(3), torch.tensor([0, 3]), None), "counts"),
+    (torch.ops.mlellp.posterior_backward, (None, torch.rand(3), torch.randn(3), torch.tensor([0, 3])),
+     "grad_log_likelihood"),
+    (torch.ops.mlellp.log_pmf, (torch.randn(3), None), "offsets"),
+])
+def test_none_arguments(op, args, name):
+    """None for a tensor argument of the ops used to read as an empty or UNKNOWN_SCALAR tensor."""
+    with pytest.raises(ValueError, match=f"{name} is required, got None"):
+        op(*args)

@@ -152,3 +152,62 @@ def test_phi_jvp_vmap(gen, device):
                                torch.stack([jvp(r, logits, offsets, counts) for r in rows]))
     torch.testing.assert_close(torch.func.vmap(jvp, in_dims=(0, 0, None, None))(rows, rows * 2, offsets, counts),
                                torch.stack([jvp(r, r * 2, offsets, counts) for r in rows]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, y", [(20000, 5), (20000, 19995), (100000, 99990), (3000, 1500)])
+def test_phi_jvp_precision_large_bags(gen, device, n, y):
+    """Large bags used to lose all accuracy in float32 (log rows grow as -0.7 n) and some
+    in float64 for y near n (means of T cancelling): against central differences of phi
+    in float64, and float32 input against float64."""
+    z = torch.randn(n, generator=gen, dtype=torch.float64)
+    u = torch.randn(n, generator=gen, dtype=torch.float64)
+    offsets, counts = torch.tensor([0, n], device=device), torch.tensor([y], device=device)
+    z, u = z.to(device), u.to(device)
+    got = jvp(u, z, offsets, counts)
+    h = 1e-5
+    fd = (post_phi(z + h * u, offsets, counts) - post_phi(z - h * u, offsets, counts)) / (2 * h)
+    scale = got.abs().max()
+    assert (got - fd).abs().max() <= 1e-6 * scale
+    got32 = jvp(u.float(), z.float(), offsets, counts).double()
+    exact32 = jvp(u.float().double(), z.float().double(), offsets, counts)  # same inputs, rounded to float32
+    assert (got32 - exact32).abs().max() <= 1e-5 * scale
+
+
+def post_phi(z, offsets, counts):
+    return torch.ops.mlellp.posterior(z, offsets, counts)[0]
+
+
+def test_more_routes_to_first_and_second_derivatives(gen):
+    """Routes that used to raise 'third derivatives' or drop the phi term silently."""
+    logits, offsets, counts = random_bags(gen, 6, min_size=2, max_size=7)
+    sigma = torch.sigmoid(logits)
+    cov = block_covariance(logits, offsets, counts)
+    hess = cov - torch.diag(sigma * (1 - sigma))
+    w = torch.randn(logits.shape, generator=gen, dtype=torch.float64)
+    fphi = lambda t: mlellp_ext.posterior(t, offsets, counts)[0]  # noqa: E731
+    fll = lambda t: mlellp_ext.bag_log_likelihood(t, offsets, counts, "sum")  # noqa: E731
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-12)  # noqa: E731
+    close(torch.autograd.functional.jvp(fphi, logits, w)[1], cov @ w)
+    close(torch.autograd.functional.hvp(fll, logits, w)[1], hess @ w)
+    # Forward over forward would differentiate phi's tangent (a phi_jvp) as well: it raises
+    # (documented) rather than give a wrong Hessian.
+    with pytest.raises(RuntimeError, match="third derivatives"):
+        torch.func.jacfwd(torch.func.jacfwd(fll))(logits)
+    with pytest.raises(RuntimeError, match="third derivatives"):
+        torch.func.jvp(lambda x: torch.func.jvp(fll, (x,), (w,))[1], (logits,), (w,))
+    z = logits.clone().requires_grad_(True)
+    u = torch.randn(logits.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    (gu,) = torch.autograd.grad(jvp(u, z, offsets, counts), u, w)  # only the tangent's gradient
+    close(gu, cov @ w)
+    # forward over reverse without create_graph: the phi term used to be dropped
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(logits.clone().requires_grad_(True), w)
+        for f in (lambda d: post(d, offsets, counts)[1].sum(), fll):
+            (g,) = torch.autograd.grad(f(dual), dual)
+            close(fwAD.unpack_dual(g).tangent, hess @ w)
+
+
+post = torch.ops.mlellp.posterior

@@ -739,13 +739,20 @@ MLELLP_HD T log_lik_grad(T grad_out, T phi, T z) {
 // conditional mean m_i(k) = E[T_{<=i} | S_{<=i} = k]; each step mixes the two
 // ways into count k with weights that sum to 1,
 //   m_i(k) = w0 m_{i-1}(k) + w1 (m_{i-1}(k-1) + u_i),
-// so m never overflows and needs no rescaling; the backward rows carry
-// E[T_{>i} | k + S_{>i} = y] the same way. u is first centred on its bag mean:
-// Cov(h_i, S | S = y) = 0, so that changes nothing but the rounding (T's mean
-// would otherwise cancel). Log space throughout (one exp per cell): this op is
-// for second derivatives, rarer than the E-step. Forward rows are checkpointed
-// every s ~ sqrt(n) rows and recomputed a block at a time in the backward sweep,
-// so memory is O((n / s + s) W) with W = min(y, n - y) + 1.
+// so m never overflows; the backward rows carry E[T_{>i} | k + S_{>i} = y] the
+// same way. Precision, since out_i is a difference of such means:
+//  * u is centred on its bag mean (Cov(h_i, S | S = y) = 0: nothing changes but
+//    the rounding);
+//  * for y > n / 2 the bag is complemented (h -> 1 - h, z -> -z, y -> n - y; the
+//    covariance is the same), so T sums over the fewer positives and its means
+//    stay small instead of growing as random walks over most of the bag;
+//  * log rows are shifted to a maximum of 0 after each step, and each out_i is
+//    normalised by its own sum_k a_{i-1}(k) g_{i-1}(k), so no log-value grows
+//    with n (they reach -0.7 n otherwise, and float32 loses all accuracy).
+// The kernels run it in float64 whatever the input dtype. Log space throughout
+// (exp per cell): this op is for phi's derivatives, rarer than the E-step.
+// Forward rows are checkpointed every s ~ sqrt(n) rows and recomputed a block at
+// a time in the backward sweep: memory O((n / s + s) W), W = min(y, n - y) + 1.
 MLELLP_HD int64_t phi_jvp_block(int64_t n) {
   int64_t s = 1;
   while (s * s < n) ++s;
@@ -757,6 +764,26 @@ MLELLP_HD int64_t phi_jvp_workspace(int64_t n, int64_t y) {
   if (y <= 0 || y >= n) return 0;
   const int64_t W = imin(y, n - y) + 1, s = phi_jvp_block(n);
   return 2 * W * ((n + s - 1) / s + s + 2);
+}
+
+// log sigmoid(+-z) of instance i of the possibly complemented bag.
+template <typename T>
+MLELLP_HD void phi_jvp_logs(T z, bool flip, T* lp, T* lq) {
+  if (flip) {
+    log_sigmoid_pair(z, lq, lp);
+  } else {
+    log_sigmoid_pair(z, lp, lq);
+  }
+}
+
+// Shift a log row to a maximum of 0 (weights within a step and each out_i's
+// normaliser do not depend on a row's shift).
+template <typename T>
+MLELLP_HD void phi_jvp_shift(T* row, int64_t len) {
+  T mx = -inf_value<T>();
+  for (int64_t k = 0; k < len; ++k) mx = row[k] > mx ? row[k] : mx;
+  if (mx == -inf_value<T>() || is_nan(mx)) return;
+  for (int64_t k = 0; k < len; ++k) row[k] -= mx;
 }
 
 // Row i of the forward recursion from row i - 1 (log a in la, conditional mean in m).
@@ -776,9 +803,11 @@ MLELLP_HD void phi_jvp_forward_row(const Band& band, int64_t i, T lp, T lq, T u,
     }
     m1[k - lo1] = (off ? m_exp(a0 - l) * m0[k - lo0] : T(0)) + (on ? m_exp(a1 - l) * (m0[k - 1 - lo0] + u) : T(0));
   }
+  phi_jvp_shift(la1, hi1 - lo1 + 1);
 }
 
-// Row i - 1 of the backward recursion from row i.
+// Row i - 1 of the backward recursion from row i (left unshifted: the caller
+// shifts it once it has used it beside row i).
 template <typename T>
 MLELLP_HD void phi_jvp_backward_row(const Band& band, int64_t i, T lp, T lq, T u, const T* lg1, const T* n1,
                                     T* lg0, T* n0) {
@@ -801,11 +830,13 @@ MLELLP_HD void phi_jvp_backward_row(const Band& band, int64_t i, T lp, T lq, T u
 // 0 <= y <= n validated by the caller). ws: phi_jvp_workspace(n, y) entries.
 // NaN for a bag whose count infinite logits make impossible (phi is NaN there too).
 template <typename T>
-MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y, T* out, T* ws) {
-  if (y <= 0 || y >= n) {  // phi is exactly 0 or 1 whatever the logits
+MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y_in, T* out, T* ws) {
+  if (y_in <= 0 || y_in >= n) {  // phi is exactly 0 or 1 whatever the logits
     for (int64_t i = 0; i < n; ++i) out[i] = T(0);
     return;
   }
+  const bool flip = 2 * y_in > n;
+  const int64_t y = flip ? n - y_in : y_in;
   const Band band{n, y, y};
   const int64_t W = band.width(), s = phi_jvp_block(n), num_ck = (n + s - 1) / s;
   T* ck_la = ws;                       // checkpoints: rows 0, s, 2s, ... < n
@@ -817,7 +848,7 @@ MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y, T* o
   T mean = T(0);
   for (int64_t i = 0; i < n; ++i) mean += u_in[i];
   mean /= static_cast<T>(n);
-  // Forward pass to row n: checkpoints, then log P(S = y) and E[T | S = y].
+  // Forward pass to row n: checkpoints, then E[T | S = y].
   ra[0] = T(0);      // row 0: count 0 with probability 1
   ra[W] = T(0);
   for (int64_t i = 0; i < n; ++i) {
@@ -828,11 +859,11 @@ MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y, T* o
       }
     }
     T lp, lq;
-    log_sigmoid_pair(z[i], &lp, &lq);
+    phi_jvp_logs(z[i], flip, &lp, &lq);
     phi_jvp_forward_row(band, i + 1, lp, lq, u_in[i] - mean, ra, ra + W, rb, rb + W);
     T* t = ra; ra = rb; rb = t;
   }
-  const T log_p = ra[0], mean_t = ra[W];  // row n holds only count y
+  const T mean_t = ra[W];  // row n holds only count y
   // Backward sweep: g_n = 1 at count y.
   ra[0] = T(0);
   ra[W] = T(0);
@@ -844,25 +875,30 @@ MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y, T* o
     }
     for (int64_t r = first + 1; r < last; ++r) {
       T lp, lq;
-      log_sigmoid_pair(z[r - 1], &lp, &lq);
+      phi_jvp_logs(z[r - 1], flip, &lp, &lq);
       phi_jvp_forward_row(band, r, lp, lq, u_in[r - 1] - mean, blk_la + (r - 1 - first) * W,
                           blk_m + (r - 1 - first) * W, blk_la + (r - first) * W, blk_m + (r - first) * W);
     }
-    for (int64_t i = last; i > first; --i) {  // instance i (1-based): forward row i - 1, backward row i
+    for (int64_t i = last; i > first; --i) {  // instance i (1-based): forward row i - 1, backward rows i, i - 1
       T lp, lq;
-      log_sigmoid_pair(z[i - 1], &lp, &lq);
+      phi_jvp_logs(z[i - 1], flip, &lp, &lq);
       const T u = u_in[i - 1] - mean;
       const T* la = blk_la + (i - 1 - first) * W;
       const T* m = blk_m + (i - 1 - first) * W;
+      phi_jvp_backward_row(band, i, lp, lq, u, ra, ra + W, rb, rb + W);
       const int64_t lo0 = band.lo(i - 1), hi0 = band.hi(i - 1), lo1 = band.lo(i), hi1 = band.hi(i);
+      // log of sum_k a_{i-1}(k) g_{i-1}(k) = P(S = y) under these rows' shifts
+      T log_p = -inf_value<T>();
+      for (int64_t k = lo0; k <= hi0; ++k) log_p = log_add_exp(log_p, la[k - lo0] + rb[k - lo0]);
       T acc = T(0);
       for (int64_t k = lo0; k <= hi0; ++k) {
         if (k + 1 < lo1 || k + 1 > hi1) continue;
         const T w = m_exp(la[k - lo0] + lp + ra[k + 1 - lo1] - log_p);  // P(h_i = 1, S_<i = k | S = y)
         if (w != T(0)) acc += w * (m[k - lo0] + u + ra[W + k + 1 - lo1] - mean_t);
       }
+      // (complemented: Cov(1 - h_i, 1 - h_j) = Cov(h_i, h_j), so out needs no change)
       out[i - 1] = log_p == -inf_value<T>() ? nan_value<T>() : acc;
-      phi_jvp_backward_row(band, i, lp, lq, u, ra, ra + W, rb, rb + W);
+      phi_jvp_shift(rb, hi0 - lo0 + 1);
       T* t = ra; ra = rb; rb = t;
     }
   }

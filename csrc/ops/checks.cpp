@@ -15,7 +15,9 @@ static bool is_floating(at::ScalarType dt) {
 
 void check_bag_layout(const char* op, const at::Tensor& logits, const at::Tensor& offsets,
                       const at::Tensor* counts) {
-  TORCH_CHECK_VALUE(logits.defined(), op, ": logits is undefined");
+  TORCH_CHECK_VALUE(logits.defined(), op, ": logits is required, got None");
+  TORCH_CHECK_VALUE(offsets.defined(), op, ": offsets is required, got None");
+  TORCH_CHECK_VALUE(counts == nullptr || counts->defined(), op, ": counts is required, got None");
   TORCH_CHECK_VALUE(logits.dim() == 1, op, ": logits must be 1-D (all instances of all bags, flat), got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(is_floating(logits.scalar_type()), op, ": logits must be float32, float64, float16 or bfloat16, got ",
@@ -40,6 +42,8 @@ void check_backward_layout(const char* op, const at::Tensor& grad_log_lik, const
                            const at::Tensor& logits, const at::Tensor& offsets) {
   check_bag_layout(op, logits, offsets, nullptr);
   const int64_t num_bags = offsets.numel() - 1;
+  TORCH_CHECK_VALUE(grad_log_lik.defined(), op, ": grad_log_likelihood is required, got None");
+  TORCH_CHECK_VALUE(phi.defined(), op, ": phi is required, got None");
   TORCH_CHECK_VALUE(grad_log_lik.dim() == 1 && grad_log_lik.numel() == num_bags, op,
                     ": grad_log_likelihood must have shape [", num_bags, "], got ", grad_log_lik.sizes());
   TORCH_CHECK_VALUE(phi.sizes() == logits.sizes(), op, ": phi must have the shape of logits ", logits.sizes(),
@@ -58,6 +62,7 @@ void check_backward_layout(const char* op, const at::Tensor& grad_log_lik, const
 void check_phi_jvp_layout(const char* op, const at::Tensor& tangent, const at::Tensor& logits,
                           const at::Tensor& offsets, const at::Tensor& counts) {
   check_bag_layout(op, logits, offsets, &counts);
+  TORCH_CHECK_VALUE(tangent.defined(), op, ": tangent is required, got None");
   TORCH_CHECK_VALUE(tangent.sizes() == logits.sizes(), op, ": tangent must have the shape of logits ", logits.sizes(),
                     ", got ", tangent.sizes());
   TORCH_CHECK_VALUE(is_floating(tangent.scalar_type()), op,

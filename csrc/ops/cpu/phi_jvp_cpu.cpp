@@ -1,6 +1,5 @@
 // CPU kernel of phi_jvp: parallel over bags, arithmetic in bag_recursion.h.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,24 +20,22 @@ at::Tensor phi_jvp_cpu(const at::Tensor& tangent, const at::Tensor& logits, cons
 
   const auto off = offsets.contiguous();
   const auto cnt = counts.contiguous();
-  const auto dtype = compute_dtype(logits.scalar_type());
-  const auto z = logits.to(dtype).contiguous();
-  const auto u = tangent.to(dtype).contiguous();
+  // float64 whatever the input: out is a difference of conditional means (see bag_recursion.h).
+  const auto z = logits.to(at::kDouble).contiguous();
+  const auto u = tangent.to(at::kDouble).contiguous();
   auto out = at::empty({num_instances}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlellp_phi_jvp_cpu", [&] {
-    const scalar_t* z_ptr = z.data_ptr<scalar_t>();
-    const scalar_t* u_ptr = u.data_ptr<scalar_t>();
-    const int64_t* off_ptr = off.data_ptr<int64_t>();
-    const int64_t* cnt_ptr = cnt.data_ptr<int64_t>();
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, num_bags, 64, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> ws;
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t start = off_ptr[b], n = off_ptr[b + 1] - start;
-        ws.resize(static_cast<size_t>(detail::phi_jvp_workspace(n, cnt_ptr[b])));
-        detail::phi_jvp_bag<scalar_t>(z_ptr + start, u_ptr + start, n, cnt_ptr[b], out_ptr + start, ws.data());
-      }
-    });
+  const double* z_ptr = z.data_ptr<double>();
+  const double* u_ptr = u.data_ptr<double>();
+  const int64_t* off_ptr = off.data_ptr<int64_t>();
+  const int64_t* cnt_ptr = cnt.data_ptr<int64_t>();
+  double* out_ptr = out.data_ptr<double>();
+  at::parallel_for(0, num_bags, 64, [&](int64_t begin, int64_t end) {
+    std::vector<double> ws;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = off_ptr[b], n = off_ptr[b + 1] - start;
+      ws.resize(static_cast<size_t>(detail::phi_jvp_workspace(n, cnt_ptr[b])));
+      detail::phi_jvp_bag<double>(z_ptr + start, u_ptr + start, n, cnt_ptr[b], out_ptr + start, ws.data());
+    }
   });
   return out.to(logits.scalar_type());
 }

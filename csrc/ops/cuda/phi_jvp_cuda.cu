@@ -1,7 +1,6 @@
 // CUDA kernel of phi_jvp: one thread per bag, arithmetic in bag_recursion.h;
 // this file adds only workspace placement and the launch (on the current stream).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -57,19 +56,17 @@ at::Tensor phi_jvp_cuda(const at::Tensor& tangent, const at::Tensor& logits, con
     total = ws_end.slice(0, num_bags - 1);
   }
   const auto extras = check_bag_values("phi_jvp", off, &cnt, num_instances, total);
-  const auto ct = compute_dtype(logits.scalar_type());
-  const auto z = logits.to(ct).contiguous();
-  const auto u = tangent.to(ct).contiguous();
+  // float64 whatever the input: out is a difference of conditional means (see bag_recursion.h).
+  const auto z = logits.to(at::kDouble).contiguous();
+  const auto u = tangent.to(at::kDouble).contiguous();
   auto out = at::empty({num_instances}, z.options());
   if (num_bags == 0) return out.to(logits.scalar_type());
   const auto ws_off = ws_end - need;
   auto ws = at::empty({extras[0]}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "mlellp_phi_jvp_cuda", [&] {
-    phi_jvp_kernel<scalar_t><<<blocks_for(num_bags), kThreads, 0, stream>>>(
-        u.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(),
-        ws_off.data_ptr<int64_t>(), ws.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), num_bags);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  phi_jvp_kernel<double><<<blocks_for(num_bags), kThreads, 0, stream>>>(
+      u.data_ptr<double>(), z.data_ptr<double>(), off.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(),
+      ws_off.data_ptr<int64_t>(), ws.data_ptr<double>(), out.data_ptr<double>(), num_bags);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.to(logits.scalar_type());
 }
 
