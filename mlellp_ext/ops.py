@@ -168,12 +168,22 @@ def _tiled_offsets(op, logits, offsets, offsets_dim):
 
 # vmap rules: each batch entry becomes a run of extra bags (_tiled_offsets), so one
 # kernel call does the whole batch. `call` is the op or its autograd.Function's apply.
+def _batch_call(call, logits, offsets, *args):
+    """call(*args), with the batched layout explained in its errors (they index the flat call)."""
+    try:
+        return call(*args)
+    except ValueError as e:
+        num_bags, n = offsets.shape[0] - 1, logits.shape[1]
+        raise ValueError(f"{e} (under vmap the batch runs as one flat call: its bag k*{num_bags} + b and "
+                         f"instance k*{n} + i are bag b and instance i of batch entry k)") from None
+
+
 def _posterior_vmap(call, info, in_dims, logits, offsets, counts):
     batch = info.batch_size
     logits = _batched(logits, in_dims[0], batch)
     tiled = _tiled_offsets("posterior", logits, offsets, in_dims[1])
     counts = _batched(counts, in_dims[2], batch)
-    phi, log_lik = call(logits.reshape(-1), tiled, counts.reshape(-1))
+    phi, log_lik = _batch_call(call, logits, offsets, logits.reshape(-1), tiled, counts.reshape(-1))
     return (phi.view(logits.shape), log_lik.view(batch, offsets.shape[0] - 1)), (0, 0)
 
 
@@ -181,8 +191,8 @@ def _posterior_backward_vmap(call, info, in_dims, grad_log_likelihood, phi, logi
     batch = info.batch_size
     logits = _batched(logits, in_dims[2], batch)
     tiled = _tiled_offsets("posterior_backward", logits, offsets, in_dims[3])
-    grad = call(_batched(grad_log_likelihood, in_dims[0], batch).reshape(-1),
-                _batched(phi, in_dims[1], batch).reshape(-1), logits.reshape(-1), tiled)
+    grad = _batch_call(call, logits, offsets, _batched(grad_log_likelihood, in_dims[0], batch).reshape(-1),
+                       _batched(phi, in_dims[1], batch).reshape(-1), logits.reshape(-1), tiled)
     return grad.view(logits.shape), 0
 
 
@@ -190,8 +200,8 @@ def _phi_jvp_vmap(call, info, in_dims, tangent, logits, offsets, counts):
     batch = info.batch_size
     logits = _batched(logits, in_dims[1], batch)
     tiled = _tiled_offsets("phi_jvp", logits, offsets, in_dims[2])
-    out = call(_batched(tangent, in_dims[0], batch).reshape(-1), logits.reshape(-1), tiled,
-               _batched(counts, in_dims[3], batch).reshape(-1))
+    out = _batch_call(call, logits, offsets, _batched(tangent, in_dims[0], batch).reshape(-1), logits.reshape(-1),
+                      tiled, _batched(counts, in_dims[3], batch).reshape(-1))
     return out.view(logits.shape), 0
 
 
@@ -200,7 +210,8 @@ def _log_pmf_vmap(call, info, in_dims, logits, offsets):
     tiled = _tiled_offsets("log_pmf", logits, offsets, in_dims[1])
     # Entry k's bag b holds its n_b + 1 values from tiled[kB + b] + kB + b =
     # k (n + B) + offsets[b] + b: each entry's block is contiguous, laid out as unbatched.
-    return call(logits.reshape(-1), tiled).view(logits.shape[0], logits.shape[1] + offsets.shape[0] - 1), 0
+    out = _batch_call(call, logits, offsets, logits.reshape(-1), tiled)
+    return out.view(logits.shape[0], logits.shape[1] + offsets.shape[0] - 1), 0
 
 
 def _below_autograd(name, *args):

@@ -139,6 +139,11 @@ def test_vmap_bad_layout_raises(gen):
         torch.func.vmap(lambda o: mlellp_ext.log_pmf(logits, o))(torch.stack([offsets, offsets]))
     with pytest.raises(ValueError, match="logits must be 1-D"):
         torch.func.vmap(f)(rows.unsqueeze(1))
+    # a bad count in entry 1 is reported in the flat call's terms, with the layout explained
+    bad = torch.stack([counts, counts])
+    bad[1, 0] = offsets[1] + 1
+    with pytest.raises(ValueError, match=rf"counts\[{counts.numel()}\] = .* \(under vmap .* bag k\*{counts.numel()} \+ b"):
+        torch.func.vmap(lambda c: mlellp_ext.posterior(logits, offsets, c)[1])(bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
