@@ -471,7 +471,7 @@ def posterior(logits, offsets=None, counts=None):
         phi: (N,) in the dtype of logits (nested if logits is nested).
             Exactly 0 where counts[b] = 0 and exactly 1 where counts[b] = n_b.
             Differentiable (d phi / dz = Cov(h | S_b = counts[b]), the op
-            ``phi_jvp``, ~10x the forward's cost): detach it where it is a
+            ``phi_jvp``, 10-15x the forward's cost): detach it where it is a
             fixed target, as in the EM's M-step.
         log_likelihood: (B,) float32 for float16/bfloat16/float32 logits,
             float64 for float64; differentiable w.r.t. logits. 0 for an empty

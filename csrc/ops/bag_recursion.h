@@ -751,18 +751,13 @@ MLELLP_HD T log_lik_grad(T grad_out, T phi, T z) {
 //    with n (they reach -0.7 n otherwise, and float32 loses all accuracy).
 // The kernels run it in float64 whatever the input dtype. Log space throughout
 // (exp per cell): this op is for phi's derivatives, rarer than the E-step.
-// Forward rows are checkpointed every s ~ sqrt(n) rows and recomputed a block at
-// a time in the backward sweep: memory O((n / s + s) W), W = min(y, n - y) + 1.
-MLELLP_HD int64_t phi_jvp_block(int64_t n) {
-  int64_t s = 1;
-  while (s * s < n) ++s;
-  return s;
-}
-
+// Forward rows are checkpointed every s = checkpoint_block(n) rows (~sqrt(n), or
+// the whole bag up to 256) and recomputed a block at a time in the backward sweep:
+// memory O((n / s + s) W), W = min(y, n - y) + 1.
 // Workspace entries (of T) phi_jvp_bag needs; 0 where phi is constant (y = 0 or n).
 MLELLP_HD int64_t phi_jvp_workspace(int64_t n, int64_t y) {
   if (y <= 0 || y >= n) return 0;
-  const int64_t W = imin(y, n - y) + 1, s = phi_jvp_block(n);
+  const int64_t W = imin(y, n - y) + 1, s = checkpoint_block(n);
   return 2 * W * ((n + s - 1) / s + s + 2);
 }
 
@@ -838,7 +833,7 @@ MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y_in, T
   const bool flip = 2 * y_in > n;
   const int64_t y = flip ? n - y_in : y_in;
   const Band band{n, y, y};
-  const int64_t W = band.width(), s = phi_jvp_block(n), num_ck = (n + s - 1) / s;
+  const int64_t W = band.width(), s = checkpoint_block(n), num_ck = (n + s - 1) / s;
   T* ck_la = ws;                       // checkpoints: rows 0, s, 2s, ... < n
   T* ck_m = ck_la + num_ck * W;
   T* blk_la = ck_m + num_ck * W;       // one block of forward rows, recomputed

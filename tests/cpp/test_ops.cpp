@@ -63,7 +63,7 @@ void test_header_against_enumeration() {
   }
 }
 
-// Cov(h | S = y) u by enumeration, against phi_jvp_bag (bags up to 14: several checkpoint blocks).
+// Cov(h | S = y) u by enumeration, against phi_jvp_bag (bags up to 14, one checkpoint block; the Python tests take larger bags).
 void test_phi_jvp_against_enumeration() {
   std::mt19937_64 rng(99);
   std::normal_distribution<double> normal(0.0, 2.0);
