@@ -39,6 +39,12 @@ def sizes_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return offsets[1:] - offsets[:-1]
 
 
+def bag_index(offsets: torch.Tensor, num_instances: int | None = None) -> torch.Tensor:
+    """Bag of each instance, on offsets' device (``num_instances`` = offsets[-1] spares a sync)."""
+    return torch.repeat_interleave(torch.arange(offsets.shape[0] - 1, device=offsets.device), offsets.diff(),
+                                   output_size=num_instances)
+
+
 def split_nested(logits, offsets, counts, op: str, takes_counts: bool = True):
     """Accept ``(logits, offsets[, counts])`` or ``(nested_logits[, counts])``.
 
@@ -67,7 +73,7 @@ def split_nested(logits, offsets, counts, op: str, takes_counts: bool = True):
         # still holds the skipped entries, so gather the bags out (differentiably;
         # the nested tensor's own contiguous() has no working backward for this).
         offsets = offsets_from_sizes(lengths.to(torch.int64).cpu()).to(starts.device)
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=starts.device), lengths)
+        bag = bag_index(offsets, int(offsets[-1]))
         index = starts[:-1][bag] + torch.arange(bag.numel(), device=starts.device) - offsets[:-1][bag]
         return values[index], offsets, counts, True
     if offsets is None:

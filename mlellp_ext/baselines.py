@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .bags import bag_index
 from .data import DataError
 from .em import e_step, m_step
 from .ops import bag_log_likelihood
@@ -96,7 +97,7 @@ class DLLP(_BagMethod):
         device = logits.device
         offsets = batch.offsets.to(device)
         sizes = (offsets[1:] - offsets[:-1]).float()
-        bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), offsets[1:] - offsets[:-1])
+        bag = bag_index(offsets, logits.shape[0])
         # Mean of probabilities (not of log-probabilities) over each bag.
         mean_p = torch.zeros(sizes.numel(), device=device).index_add(0, bag, torch.sigmoid(logits)) / sizes
         target = batch.counts.to(device).float() / sizes

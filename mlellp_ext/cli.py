@@ -183,8 +183,7 @@ def _evaluate(args):
 
 
 def _predict(args):
-    import torch
-
+    from .bags import bag_index
     from .data import DataError
     from .train import bag_metrics
 
@@ -195,7 +194,7 @@ def _predict(args):
     model, dataset, bags = _model_and_bags(args)
     _, prob, expected = bag_metrics(model, _preprocess(model, dataset), dataset.data, bags, args.batch_size)
     sizes = bags.offsets[1:] - bags.offsets[:-1]
-    bag = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    bag = bag_index(bags.offsets)
     y = dataset.data.y
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bags import bag_index
 from .baselines import _Baseline
 
 NOISE_DIM = 100
@@ -88,7 +89,7 @@ class LLPGAN(_Baseline):
             logits = disc.class_logits(real)
             offsets = batch.offsets.to(device)
             sizes = offsets[1:] - offsets[:-1]
-            bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
+            bag = bag_index(offsets, logits.shape[0])
             mean_p = torch.zeros(sizes.numel(), 2, device=device).index_add(0, bag, logits.softmax(1))
             mean_p = mean_p / sizes[:, None].float()
             prop = batch.counts.to(device).float() / sizes.float()

@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from .bags import split_nested
+from .bags import bag_index, split_nested
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -130,18 +130,12 @@ def _has_tangent(tensors):
     return any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _bag_index(offsets, num_instances):
-    """Bag of each instance."""
-    return torch.repeat_interleave(torch.arange(offsets.shape[0] - 1, device=offsets.device), offsets.diff(),
-                                   output_size=num_instances)
-
-
 def _bag_sums(values, offsets):
     """Per-bag sums of values (N,); 0 for an empty bag."""
     # Zeros that vmap (jacfwd) batches as it batches values: index_add cannot add a
     # batched source into a fresh, unbatched zeros tensor.
     zeros = torch.zeros_like(values.sum()).expand(offsets.shape[0] - 1)
-    return zeros.index_add(0, _bag_index(offsets, values.shape[0]), values)
+    return zeros.index_add(0, bag_index(offsets, values.shape[0]), values)
 
 
 def _batched(t, dim, batch):
@@ -306,7 +300,7 @@ class _PosteriorBackwardFn(torch.autograd.Function):
         # In the compute dtype; sigma' = sigma (1 - sigma), exactly 0 at +-inf logits.
         dtype = _compute_dtype(logits.dtype)
         sigma = torch.sigmoid(logits.to(dtype))
-        g_i = g.to(dtype)[_bag_index(offsets, logits.shape[0])]
+        g_i = g.to(dtype)[bag_index(offsets, logits.shape[0])]
         return phi.to(dtype) - sigma, g_i, sigma * (1 - sigma), dtype
 
     @staticmethod
@@ -323,7 +317,7 @@ class _PosteriorBackwardFn(torch.autograd.Function):
         slope, g_i, curvature, dtype = _PosteriorBackwardFn._terms(g, phi, logits, offsets)
         out = torch.zeros_like(slope)
         if tangent_g is not None:
-            out = out + tangent_g.to(dtype)[_bag_index(offsets, logits.shape[0])] * slope
+            out = out + tangent_g.to(dtype)[bag_index(offsets, logits.shape[0])] * slope
         if tangent_phi is not None:
             out = out + g_i * tangent_phi.to(dtype)
         if tangent_logits is not None:
