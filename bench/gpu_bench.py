@@ -6,6 +6,8 @@ For 1,000,000 bags of sizes 2..12, and for a few large bags, measures
 torch.ops.mlellp.posterior against (a) the padded pure-PyTorch DP on the same
 GPU and (b) a device-to-device copy of the same bytes (the op's bandwidth
 floor: logits, offsets and counts read, phi and log-likelihood written).
+torch.ops.mlellp.phi_jvp is measured on the same small bags against autograd's
+second derivatives through the padded DP (phi_jvp_padded_dp).
 Timings are CUDA-event medians after warm-up. Writes JSON and prints a table.
 """
 import argparse
@@ -17,7 +19,7 @@ import sys
 import torch
 
 import mlellp_ext
-from mlellp_ext.reference import posterior_padded_dp
+from mlellp_ext.reference import phi_jvp_padded_dp, posterior_padded_dp
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import make_workload  # noqa: E402
@@ -57,30 +59,48 @@ def measure(name, logits, offsets, counts, with_dp=True):
     return row
 
 
+def measure_phi_jvp(name, logits, offsets, counts):
+    tangent = torch.randn(logits.shape, generator=torch.Generator(device="cuda").manual_seed(3), device="cuda",
+                          dtype=logits.dtype)
+    out = torch.ops.mlellp.phi_jvp(tangent, logits, offsets, counts)
+    t_ours = cuda_time(lambda: torch.ops.mlellp.phi_jvp(tangent, logits, offsets, counts))
+    t_dp = cuda_time(lambda: phi_jvp_padded_dp(tangent, logits, offsets, counts), repeats=3, warmup=1)
+    ref = phi_jvp_padded_dp(tangent, logits, offsets, counts)
+    n_inst = logits.numel()
+    return {"case": f"phi_jvp {name}", "instances": n_inst, "bags": offsets.numel() - 1, "dtype": str(logits.dtype),
+            "seconds": t_ours, "instances_per_s": n_inst / t_ours, "dp_seconds": t_dp,
+            "speedup_vs_padded_dp": t_dp / t_ours, "max_abs_diff_vs_dp": float((out - ref).abs().max())}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--bags", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     assert torch.cuda.is_available(), "needs a CUDA device"
-    rows = []
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    print(f"device: {result['device']}, torch {result['torch']}")
+    print(f"{'case':42s} {'dtype':14s} {'inst/s':>12s} {'vs copy':>8s} {'vs DP':>8s}", flush=True)
+
+    def add(row):  # printed and saved as it comes, so a cut-off run keeps what it measured
+        result["rows"].append(row)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        dp = f"{row['speedup_vs_padded_dp']:.1f}x" if "speedup_vs_padded_dp" in row else "-"
+        copy = f"{row['fraction_of_copy_bandwidth']:.3f}" if "fraction_of_copy_bandwidth" in row else "-"
+        print(f"{row['case']:42s} {row['dtype']:14s} {row['instances_per_s']:12.3e} {copy:>8s} {dp:>8s}", flush=True)
+
     for dtype in (torch.float32, torch.float64):
-        rows.append(measure("1M bags 2..12", *make_workload(args.bags, device="cuda", dtype=dtype)))
+        add(measure("1M bags 2..12", *make_workload(args.bags, device="cuda", dtype=dtype)))
+    for dtype in (torch.float32, torch.float64):
+        add(measure_phi_jvp("1M bags 2..12", *make_workload(args.bags, device="cuda", dtype=dtype)))
     gen = torch.Generator().manual_seed(0)
     for n, num_bags in ((100, 10_000), (1_000, 100), (10_000, 2)):
         for frac in (0.5, 0.1):
             logits = (torch.randn(n * num_bags, generator=gen) * 2).cuda()
             offsets = (torch.arange(num_bags + 1) * n).cuda()
             counts = torch.full((num_bags,), int(n * frac), dtype=torch.long).cuda()
-            rows.append(measure(f"{num_bags} bags of n={n}, y={frac}n", logits, offsets, counts, with_dp=n <= 1000))
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"device: {result['device']}, torch {result['torch']}")
-    print(f"{'case':34s} {'dtype':14s} {'inst/s':>12s} {'vs copy':>8s} {'vs DP':>8s}")
-    for r in rows:
-        dp = f"{r['speedup_vs_padded_dp']:.1f}x" if "speedup_vs_padded_dp" in r else "-"
-        print(f"{r['case']:34s} {r['dtype']:14s} {r['instances_per_s']:12.3e} {r['fraction_of_copy_bandwidth']:8.3f} {dp:>8s}")
+            add(measure(f"{num_bags} bags of n={n}, y={frac}n", logits, offsets, counts, with_dp=n <= 1000))
 
 
 if __name__ == "__main__":

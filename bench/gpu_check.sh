@@ -1,28 +1,52 @@
 #!/usr/bin/env bash
 # GPU validation kit (`make gpu-check`), for a machine with a CUDA GPU, its own
-# torch and no network: builds against that torch, runs the whole test suite
-# (CUDA tests included), compute-sanitizer memcheck and racecheck on small
-# CUDA cases, and the GPU benchmark. Results: bench/results/gpu_<device>.json
-# and gpu_check_<device>.log (or under $GPU_CHECK_OUT).
+# torch and no network. In order, each step time-boxed so that a short lease
+# still brings back the most important results first:
+#   1. build the extension against that torch, for that GPU only;
+#   2. the CUDA tests (pytest -k cuda);
+#   3. compute-sanitizer memcheck, racecheck and synccheck on bench/sanitizer_cases.py;
+#   4. the GPU benchmark (bench/gpu_bench.py);
+#   5. the rest of the test suite (training and the CLI then run on the GPU).
+# Results: gpu_check_<device>.log and gpu_<device>.json under bench/results
+# (or $GPU_CHECK_OUT). Wheels of missing test dependencies, if any, are taken
+# from .whl/ (no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${GPU_CHECK_OUT:-bench/results}
-export MLELLP_FORCE_CUDA=1
+export MLELLP_FORCE_CUDA=1 PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mlellp-site .whl/*.whl \
+    && export PYTHONPATH="/tmp/mlellp-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 mkdir -p "$OUT"
 DEVICE=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 LOG="$OUT/gpu_check_${DEVICE}.log"
 status=0
-step() { echo "== $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "== FAILED ($rc): $*" | tee -a "$LOG"; status=1; }; }
+# step SECONDS CMD...: runs CMD with a time limit, logs it, records a failure.
+step() {
+  local limit=$1; shift
+  local t0=$SECONDS
+  echo "== $*" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "== rc=$rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+  [ "$rc" = 0 ] || { echo "== FAILED ($rc$([ "$rc" = 124 ] && echo ', time limit')): $*" | tee -a "$LOG"; status=1; }
+}
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 : > "$LOG"
-step $PY setup.py -q build_ext --inplace
-step $PY -m pytest -q -p no:cacheprovider tests
-SMALL="tests/test_posterior.py::test_matches_enumeration_float64 tests/test_posterior.py::test_infinite_logits tests/test_posterior.py::test_nan_stays_in_its_bag tests/test_errors.py::test_bad_input_cuda tests/test_second_order.py::test_phi_jvp_matches_enumeration tests/test_second_order.py::test_phi_jvp_edge_cases tests/test_errors.py::test_bad_input_phi_jvp"
-step compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -p no:cacheprovider -k cuda $SMALL
-step compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_posterior.py::test_matches_enumeration_float64
-step $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"; } 2>&1 | tee -a "$LOG"
+step 420 $PY setup.py -q build_ext --inplace
+step 300 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST -k cuda tests
+SAN="compute-sanitizer --error-exitcode 1 --print-limit 20"
+step 240 $SAN --tool memcheck --leak-check no $PY bench/sanitizer_cases.py
+step 180 $SAN --tool racecheck $PY bench/sanitizer_cases.py --wide-only
+step 180 $SAN --tool synccheck $PY bench/sanitizer_cases.py --wide-only
+step 300 $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"
+step 420 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST -k "not cuda" tests
 echo "== gpu-check $([ $status = 0 ] && echo passed || echo FAILED); log: $LOG"
 exit $status

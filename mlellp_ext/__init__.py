@@ -1,9 +1,10 @@
 """mlellp_ext: exact, fast E-step ops for learning from label proportions.
 
 Importing this package loads the compiled library, which registers the ops
-``torch.ops.mlellp.posterior``, ``torch.ops.mlellp.log_pmf`` and
-``torch.ops.mlellp.posterior_backward``; ``ops`` adds their autograd and fake
-(meta) kernels and the Python functions below.
+``torch.ops.mlellp.posterior``, ``torch.ops.mlellp.log_pmf``,
+``torch.ops.mlellp.posterior_backward`` and ``torch.ops.mlellp.phi_jvp``;
+``ops`` adds their autograd and fake (meta) kernels and the Python functions
+below.
 """
 import torch  # noqa: F401  (the library links against libtorch)
 

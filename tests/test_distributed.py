@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import mlellp_ext
 from mlellp_ext.data import Bags
 from mlellp_ext.distributed import DistributedError, World, _pad_to, per_rank_batch_size, shard_assignment
 from mlellp_ext.train import TrainConfig, load_data, train
@@ -51,6 +52,9 @@ def torchrun(*args, nproc=2, timeout=240):
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    # The workers import the package this test imported, installed or not (an in-place build).
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(mlellp_ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,0 +1,113 @@
+"""Small CUDA cases for compute-sanitizer (part of `make gpu-check`; needs a CUDA device).
+
+    compute-sanitizer --tool memcheck python bench/sanitizer_cases.py [--wide-only]
+
+A plain script rather than pytest, so that the sanitizer's slow start is paid
+once. Every op runs on fresh random inputs, per-bag kernels (small bags) and
+the block kernel (bags whose rows are 64 or more wide) alike, plus empty bags,
+y = 0 and y = n, infinite logits and rejected input; each result is compared
+with the CPU kernels. The ops allocate their own outputs, so the allocator's
+cache is filled with NaN before each call: an element no kernel wrote most
+likely reads NaN where the CPU has a number.
+--wide-only keeps the block-kernel cases (racecheck is slow on shared memory).
+Exits non-zero on any mismatch.
+"""
+import argparse
+import sys
+
+import torch
+
+import mlellp_ext  # noqa: F401  (registers the ops)
+from mlellp_ext import offsets_from_sizes
+
+FAILURES = []
+
+
+def bags(gen, sizes, dtype, inf=False):
+    sizes = torch.as_tensor(sizes)
+    logits = torch.randn(int(sizes.sum()), generator=gen, dtype=torch.float64) * 2
+    if inf and logits.numel() > 3:
+        logits[0], logits[2] = float("inf"), float("-inf")
+    counts = torch.minimum((torch.rand(len(sizes), generator=gen) * (sizes + 1)).floor().long(), sizes)
+    if len(sizes) > 2:  # the edges of the count range
+        counts[0], counts[1] = 0, sizes[1]
+    return logits.to(dtype), offsets_from_sizes(sizes), counts
+
+
+def same(name, got, want, tol):
+    got, want = got.cpu().double(), want.double()
+    finite_match = torch.isfinite(got) == torch.isfinite(want)
+    ok = bool(finite_match.all()) and torch.allclose(got.nan_to_num(7.0), want.nan_to_num(7.0), rtol=tol, atol=tol)
+    print(f"{'ok  ' if ok else 'FAIL'} {name}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def poison_cache():
+    torch.full((1 << 22,), float("nan"), device="cuda", dtype=torch.float64)  # freed at once, kept cached
+
+
+def check_all_ops(label, logits, offsets, counts, gen):
+    tol = 1e-10 if logits.dtype == torch.float64 else 2e-4
+    dev = [t.cuda() for t in (logits, offsets, counts)]
+    torch.cuda.synchronize()
+    phi_c, ll_c = torch.ops.mlellp.posterior(logits, offsets, counts)
+    poison_cache()
+    phi_g, ll_g = torch.ops.mlellp.posterior(*dev)
+    same(f"{label} posterior phi", phi_g, phi_c, tol)
+    same(f"{label} posterior log_lik", ll_g, ll_c, tol)
+    g = torch.randn(ll_c.shape, generator=gen, dtype=ll_c.dtype)
+    poison_cache()
+    same(f"{label} posterior_backward",
+         torch.ops.mlellp.posterior_backward(g.cuda(), phi_g, dev[0], dev[1]),
+         torch.ops.mlellp.posterior_backward(g, phi_c, logits, offsets), tol)
+    poison_cache()
+    same(f"{label} log_pmf", torch.ops.mlellp.log_pmf(dev[0], dev[1]), torch.ops.mlellp.log_pmf(logits, offsets), tol)
+    u = torch.randn(logits.shape, generator=gen, dtype=logits.dtype)
+    poison_cache()
+    same(f"{label} phi_jvp", torch.ops.mlellp.phi_jvp(u.cuda(), *dev), torch.ops.mlellp.phi_jvp(u, logits, offsets, counts), tol)
+    torch.cuda.synchronize()
+
+
+def check_rejected():
+    """Bad input must raise before any kernel reads out of bounds."""
+    logits = torch.randn(10, device="cuda")
+    cases = {
+        "count above its bag": (torch.tensor([0, 4, 10], device="cuda"), torch.tensor([5, 1], device="cuda")),
+        "negative count": (torch.tensor([0, 4, 10], device="cuda"), torch.tensor([1, -1], device="cuda")),
+        "offsets past the end": (torch.tensor([0, 4, 12], device="cuda"), torch.tensor([1, 1], device="cuda")),
+        "decreasing offsets": (torch.tensor([0, 7, 4, 10], device="cuda"), torch.tensor([1, 1, 1], device="cuda")),
+    }
+    for name, (offsets, counts) in cases.items():
+        for op, args in (("posterior", (logits, offsets, counts)), ("phi_jvp", (logits, logits, offsets, counts))):
+            try:
+                getattr(torch.ops.mlellp, op)(*args)
+                torch.cuda.synchronize()
+                print(f"FAIL {op} accepted: {name}", flush=True)
+                FAILURES.append(f"{op} {name}")
+            except ValueError as err:
+                print(f"ok   {op} rejects {name}: {str(err).splitlines()[0][:90]}", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wide-only", action="store_true")
+    args = parser.parse_args(argv)
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    gen = torch.Generator().manual_seed(1234)
+    for dtype in (torch.float32, torch.float64):
+        if not args.wide_only:
+            sizes = torch.randint(0, 13, (300,), generator=gen)
+            check_all_ops(f"small bags {dtype}", *bags(gen, sizes, dtype, inf=True), gen)
+        logits, offsets, _ = bags(gen, [150, 3, 300, 0, 129], dtype)
+        # Rows 64 or more wide (bags 0, 2 and 4) go to the block kernel.
+        check_all_ops(f"wide bags {dtype}", logits, offsets, torch.tensor([75, 3, 140, 0, 64]), gen)
+    if not args.wide_only:
+        check_all_ops("no bags", torch.empty(0), torch.zeros(1, dtype=torch.long), torch.empty(0, dtype=torch.long), gen)
+        check_rejected()
+    print(f"sanitizer cases: {len(FAILURES)} failures", flush=True)
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
