@@ -45,7 +45,8 @@ def _extension():
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "ops", "*.cpp")))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "ops", "cpu", "*.cpp")))
-    # No a*b+c contraction: the CPU's SIMD lanes stay bitwise equal to the per-bag path.
+    # No a*b+c contraction: the CPU's SIMD lanes stay bitwise equal to the per-bag path,
+    # and (-fmad=false) the device runs the header's arithmetic as the host does.
     cxx_flags = ["-O3", "-ffp-contract=off"]
     # at::parallel_for is inline OpenMP code: without -fopenmp it compiles to
     # a serial loop in this extension. Torch loads its libgomp first, so the
@@ -58,7 +59,7 @@ def _extension():
         return cpp_extension.CUDAExtension(
             "mlellp_ext._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension("mlellp_ext._C", sources, extra_compile_args={"cxx": cxx_flags},

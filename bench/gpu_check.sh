@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${GPU_CHECK_OUT:-bench/results}
 export MLELLP_FORCE_CUDA=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for scripts run from bench/
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA_HOME/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
@@ -40,13 +41,44 @@ step() {
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 : > "$LOG"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"; } 2>&1 | tee -a "$LOG"
+{ echo "CC=${CC:-} CXX=${CXX:-}"; which -a gcc g++ c++ 2>/dev/null; ${CXX:-c++} --version | head -1
+  $PY -c "import torch; print(torch.__config__.show().splitlines()[1])"; } 2>&1 | tee -a "$LOG"
+# A C++ error must come back as a Python exception. If the build's compiler differs
+# from torch's, unwinding through the extension can crash instead (seen once, with
+# a toolchain other than the one torch was built with): then try the other
+# compilers on the machine, from a clean build.
+raises_cleanly() {
+  $PY -c "
+import torch, mlellp_ext
+for dev in ('cpu', 'cuda'):
+    try:
+        torch.ops.mlellp.log_pmf(torch.ones(2, device=dev), torch.tensor([0, 5], device=dev))
+    except ValueError as err:
+        print(dev, 'raises cleanly:', str(err).splitlines()[0])
+    else:
+        raise SystemExit('no error raised on ' + dev)" 2>&1 | tail -3 | tee -a "$LOG"
+  return "${PIPESTATUS[0]}"
+}
 step 420 $PY setup.py -q build_ext --inplace
+if ! raises_cleanly; then
+  echo "== a C++ error crashed the process; trying other compilers" | tee -a "$LOG"
+  for pair in /usr/bin/gcc:/usr/bin/g++ /usr/bin/gcc-13:/usr/bin/g++-13 /usr/bin/gcc-12:/usr/bin/g++-12 /usr/bin/gcc-14:/usr/bin/g++-14; do
+    [ -x "${pair#*:}" ] || continue
+    rm -rf build mlellp_ext/_C*.so
+    CC=${pair%%:*} CXX=${pair#*:} step 420 $PY setup.py -q build_ext --inplace
+    if raises_cleanly; then echo "== built with $pair" | tee -a "$LOG"; built=1; break; fi
+  done
+  if [ -z "${built:-}" ]; then  # none helped: back to the default build, the error tests will show the crash
+    rm -rf build mlellp_ext/_C*.so
+    step 420 $PY setup.py -q build_ext --inplace
+  fi
+fi
 step 300 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST -k cuda tests
 SAN="compute-sanitizer --error-exitcode 1 --print-limit 20"
 step 240 $SAN --tool memcheck --leak-check no $PY bench/sanitizer_cases.py
 step 180 $SAN --tool racecheck $PY bench/sanitizer_cases.py --wide-only
 step 180 $SAN --tool synccheck $PY bench/sanitizer_cases.py --wide-only
 step 300 $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"
-step 420 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST -k "not cuda" tests
+step 150 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST -k "not cuda" tests
 echo "== gpu-check $([ $status = 0 ] && echo passed || echo FAILED); log: $LOG"
 exit $status

@@ -212,11 +212,15 @@ def test_cuda_matches_cpu(gen, dtype):
         logits, offsets, counts = random_bags(gen, num_bags, max_size=max_size, dtype=dtype)
         phi_c, ll_c = post(logits, offsets, counts)
         phi_g, ll_g = post(logits.cuda(), offsets.cuda(), counts.cuda())
-        tol = 1e-12 if dtype == torch.float64 else 1e-5
-        torch.testing.assert_close(phi_g.cpu().float(), phi_c.float(), rtol=0, atol=tol if dtype != torch.bfloat16 else 1e-2)
+        # The device's exp/log differ from the host's in the last bits: float32 results on bags of
+        # up to 2,000 differ by up to ~2e-5 (seen on an H200), and a float16 phi rounds to either
+        # neighbour (one ulp is 4.9e-4 below 1).
+        tol = 1e-12 if dtype == torch.float64 else 5e-5
+        phi_tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, tol)
+        torch.testing.assert_close(phi_g.cpu().float(), phi_c.float(), rtol=0, atol=phi_tol)
         torch.testing.assert_close(ll_g.cpu(), ll_c, rtol=tol, atol=tol)
         torch.testing.assert_close(log_pmf(logits.cuda(), offsets.cuda()).cpu(), log_pmf(logits, offsets), rtol=tol, atol=tol)
         g = torch.randn(num_bags, generator=gen, dtype=ll_c.dtype)
         gb_c = torch.ops.mlellp.posterior_backward(g, phi_c, logits, offsets)
         gb_g = torch.ops.mlellp.posterior_backward(g.cuda(), phi_g, logits.cuda(), offsets.cuda())
-        torch.testing.assert_close(gb_g.cpu().float(), gb_c.float(), rtol=0, atol=tol if dtype != torch.bfloat16 else 1e-2)
+        torch.testing.assert_close(gb_g.cpu().float(), gb_c.float(), rtol=0, atol=phi_tol)

@@ -892,7 +892,10 @@ MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y_in, T
         if (w != T(0)) acc += w * (m[k - lo0] + u + ra[W + k + 1 - lo1] - mean_t);
       }
       // (complemented: Cov(1 - h_i, 1 - h_j) = Cov(h_i, h_j), so out needs no change)
-      out[i - 1] = log_p == -inf_value<T>() ? nan_value<T>() : acc;
+      // A certain label (infinite logit) has zero covariance with everything: exactly 0,
+      // where acc would be a sum of terms that cancel only up to rounding.
+      out[i - 1] = log_p == -inf_value<T>() ? nan_value<T>()
+                   : (lp == -inf_value<T>() || lq == -inf_value<T>()) ? T(0) : acc;
       phi_jvp_shift(rb, hi0 - lo0 + 1);
       T* t = ra; ra = rb; rb = t;
     }
