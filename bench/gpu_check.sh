@@ -7,7 +7,7 @@
 #   3. compute-sanitizer memcheck, racecheck and synccheck on bench/sanitizer_cases.py;
 #   4. the GPU benchmark (bench/gpu_bench.py);
 #   5. the rest of the test suite (training and the CLI then run on the GPU).
-# Results: gpu_check_<device>.log and gpu_<device>.json under bench/results
+# Results: gpu_check_<device>.log and gpu_<device>.{json,md} under bench/results
 # (or $GPU_CHECK_OUT). Wheels of missing test dependencies, if any, are taken
 # from .whl/ (no network there).
 set -uo pipefail
@@ -39,6 +39,7 @@ step() {
   [ "$rc" = 0 ] || { echo "== FAILED ($rc$([ "$rc" = 124 ] && echo ', time limit')): $*" | tee -a "$LOG"; status=1; }
 }
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+XDIST_ALL=$($PY -c "import xdist" 2>/dev/null && echo "-n $(nproc)" || echo "")
 : > "$LOG"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"; } 2>&1 | tee -a "$LOG"
 { echo "CC=${CC:-} CXX=${CXX:-}"; which -a gcc g++ c++ 2>/dev/null; ${CXX:-c++} --version | head -1
@@ -79,6 +80,6 @@ step 240 $SAN --tool memcheck --leak-check no $PY bench/sanitizer_cases.py
 step 180 $SAN --tool racecheck $PY bench/sanitizer_cases.py --wide-only
 step 180 $SAN --tool synccheck $PY bench/sanitizer_cases.py --wide-only
 step 300 $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"
-step 150 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST -k "not cuda" tests
+step 240 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST_ALL -k "not cuda" tests
 echo "== gpu-check $([ $status = 0 ] && echo passed || echo FAILED); log: $LOG"
 exit $status
