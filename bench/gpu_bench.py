@@ -24,7 +24,7 @@ import mlellp_ext
 from mlellp_ext.reference import phi_jvp_padded_dp, posterior_padded_dp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_workload  # noqa: E402
+from workloads import make_workload  # noqa: E402
 
 
 def cuda_time(fn, repeats=10, warmup=2):

@@ -5,7 +5,8 @@
 #   1. build the extension against that torch, for that GPU only;
 #   2. the CUDA tests (pytest -k cuda);
 #   3. compute-sanitizer memcheck, racecheck and synccheck on bench/sanitizer_cases.py;
-#   4. the GPU benchmark (bench/gpu_bench.py);
+#   4. the GPU benchmark (bench/gpu_bench.py), then candidate small-bag kernels
+#      against the shipped one (bench/cuda_variants.py; docs/gpu_notes.md);
 #   5. the rest of the test suite (training and the CLI then run on the GPU).
 # Results: gpu_check_<device>.log and gpu_<device>.{json,md} under bench/results
 # (or $GPU_CHECK_OUT). Wheels of missing test dependencies, if any, are taken
@@ -67,7 +68,11 @@ if ! raises_cleanly; then
     [ -x "${pair#*:}" ] || continue
     rm -rf build mlellp_ext/_C*.so
     CC=${pair%%:*} CXX=${pair#*:} step 420 $PY setup.py -q build_ext --inplace
-    if raises_cleanly; then echo "== built with $pair" | tee -a "$LOG"; built=1; break; fi
+    if raises_cleanly; then
+      echo "== built with $pair" | tee -a "$LOG"; built=1
+      export CC=${pair%%:*} CXX=${pair#*:}  # for the JIT build of bench/cuda_variants.cu too
+      break
+    fi
   done
   if [ -z "${built:-}" ]; then  # none helped: back to the default build, the error tests will show the crash
     rm -rf build mlellp_ext/_C*.so
@@ -80,6 +85,7 @@ step 240 $SAN --tool memcheck --leak-check no $PY bench/sanitizer_cases.py
 step 180 $SAN --tool racecheck $PY bench/sanitizer_cases.py --wide-only
 step 180 $SAN --tool synccheck $PY bench/sanitizer_cases.py --wide-only
 step 300 $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"
+step 180 $PY bench/cuda_variants.py --out "$OUT/cuda_variants_${DEVICE}.json"
 step 240 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST_ALL -k "not cuda" tests
 echo "== gpu-check $([ $status = 0 ] && echo passed || echo FAILED); log: $LOG"
 exit $status
