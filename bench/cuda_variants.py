@@ -55,6 +55,9 @@ def main(argv=None):
     print(f"{'dtype':8s} {'what':10s} {'ms':>8s} {'inst/s':>10s} {'copy/this':>9s} bitwise")
     for dtype in (torch.float32, torch.float64):
         logits, offsets, counts = make_workload(args.bags, device="cuda", dtype=dtype)
+        # The variants leave wide bags (rows of 64 or more) to the block kernel and do not write
+        # them; with n <= 126 there are none, so every output is theirs to match.
+        assert int((offsets[1:] - offsets[:-1]).max()) <= 126, "the variants cover small bags only"
         phi_ref, ll_ref = torch.ops.mlellp.posterior(logits, offsets, counts)
         need = ext.workspace_sizes(offsets, counts)
         ws_off = torch.cumsum(need, 0) - need

@@ -93,8 +93,8 @@ def profile(fn, calls=5):
             if dev > 0:
                 rows.append({"name": e.key[:90], "device_us_per_call": dev / calls, "count_per_call": e.count / calls})
         rows.sort(key=lambda r: -r["device_us_per_call"])
-        wall = sum(r["device_us_per_call"] for r in rows)
-        print(f"profile of one call ({wall:.0f} us of device time in kernels and copies):")
+        device_us = sum(r["device_us_per_call"] for r in rows)
+        print(f"profile of one call ({device_us:.0f} us of device time, summed over its kernels and copies):")
         for r in rows[:12]:
             print(f"  {r['device_us_per_call']:9.1f} us  x{r['count_per_call']:.0f}  {r['name']}")
         return rows
@@ -138,6 +138,8 @@ def main(argv=None):
         result["rows"].append(row)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(markdown(result))
         dp = f"{row['speedup_vs_padded_dp']:.1f}x" if "speedup_vs_padded_dp" in row else "-"
         copy = f"{row['fraction_of_copy_bandwidth']:.3f}" if "fraction_of_copy_bandwidth" in row else "-"
         print(f"{row['case']:42s} {row['dtype']:14s} {row['instances_per_s']:12.3e} {copy:>8s} {dp:>8s}", flush=True)
@@ -156,8 +158,6 @@ def main(argv=None):
             offsets = (torch.arange(num_bags + 1) * n).cuda()
             counts = torch.full((num_bags,), int(n * frac), dtype=torch.long).cuda()
             add(measure(f"{num_bags} bags of n={n}, y={frac}n", logits, offsets, counts, with_dp=n <= 1000))
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(markdown(result))
     return 0
 
 

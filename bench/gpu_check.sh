@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # GPU validation kit (`make gpu-check`), for a machine with a CUDA GPU, its own
-# torch and no network. In order, each step time-boxed so that a short lease
-# still brings back the most important results first:
+# torch and no network. In order, each step with a time limit, so that a short
+# run still brings back the most important results first:
 #   1. build the extension against that torch, for that GPU only;
 #   2. the CUDA tests (pytest -k cuda);
-#   3. compute-sanitizer memcheck, racecheck and synccheck on bench/sanitizer_cases.py;
+#   3. compute-sanitizer memcheck, initcheck, racecheck and synccheck on
+#      bench/sanitizer_cases.py (memcheck and initcheck without torch's caching
+#      allocator, so that every allocation has its exact bounds);
 #   4. the GPU benchmark (bench/gpu_bench.py), then candidate small-bag kernels
 #      against the shipped one (bench/cuda_variants.py; docs/gpu_notes.md);
 #   5. the rest of the test suite (training and the CLI then run on the GPU).
-# Results: gpu_check_<device>.log and gpu_<device>.{json,md} under bench/results
+# Results: gpu_check_<device>.log, gpu_<device>.{json,md} and
+# cuda_variants_<device>.json under bench/results
 # (or $GPU_CHECK_OUT). Wheels of missing test dependencies, if any, are taken
 # from .whl/ (no network there).
 set -uo pipefail
@@ -21,36 +24,40 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA_HOME/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-if compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mlellp-site .whl/*.whl \
-    && export PYTHONPATH="/tmp/mlellp-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
 mkdir -p "$OUT"
 DEVICE=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 LOG="$OUT/gpu_check_${DEVICE}.log"
+: > "$LOG"
 status=0
+if compgen -G ".whl/*.whl" > /dev/null; then
+  SITE=$(mktemp -d)
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl 2>&1 | tee -a "$LOG"; then
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+  else
+    echo "== FAILED: installing the wheels in .whl/" | tee -a "$LOG"; status=1
+  fi
+fi
 # step SECONDS CMD...: runs CMD with a time limit, logs it, records a failure.
 step() {
   local limit=$1; shift
   local t0=$SECONDS
   echo "== $*" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "== rc=$rc after $((SECONDS - t0)) s" | tee -a "$LOG"
   [ "$rc" = 0 ] || { echo "== FAILED ($rc$([ "$rc" = 124 ] && echo ', time limit')): $*" | tee -a "$LOG"; status=1; }
 }
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 XDIST_ALL=$($PY -c "import xdist" 2>/dev/null && echo "-n $(nproc)" || echo "")
-: > "$LOG"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"; } 2>&1 | tee -a "$LOG"
 { echo "CC=${CC:-} CXX=${CXX:-}"; which -a gcc g++ c++ 2>/dev/null; ${CXX:-c++} --version | head -1
   $PY -c "import torch; print(torch.__config__.show().splitlines()[1])"; } 2>&1 | tee -a "$LOG"
-# A C++ error must come back as a Python exception. If the build's compiler differs
-# from torch's, unwinding through the extension can crash instead (seen once, with
-# a toolchain other than the one torch was built with): then try the other
-# compilers on the machine, from a clean build.
+# A C++ error must come back as a Python exception. On one machine, an extension
+# built with its default toolchain (a GCC wrapper named by CC/CXX; cause not
+# established) crashed instead, and the system GCC's build did not: then try the
+# other compilers on the machine, from a clean build.
 raises_cleanly() {
-  $PY -c "
+  timeout -k 10 120 $PY -X faulthandler -c "
 import torch, mlellp_ext
 for dev in ('cpu', 'cuda'):
     try:
@@ -58,17 +65,23 @@ for dev in ('cpu', 'cuda'):
     except ValueError as err:
         print(dev, 'raises cleanly:', str(err).splitlines()[0])
     else:
-        raise SystemExit('no error raised on ' + dev)" 2>&1 | tail -3 | tee -a "$LOG"
-  return "${PIPESTATUS[0]}"
+        raise SystemExit('no error raised on ' + dev)" 2>&1 | tail -8 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "== raises cleanly: rc=$rc" | tee -a "$LOG"
+  return "$rc"
 }
 step 420 $PY setup.py -q build_ext --inplace
 if ! raises_cleanly; then
-  echo "== a C++ error crashed the process; trying other compilers" | tee -a "$LOG"
+  echo "== a C++ error did not come back as a ValueError; trying other compilers" | tee -a "$LOG"
+  status_before=$status
+  default_cxx=$(realpath "$(command -v "${CXX:-c++}")" 2>/dev/null)
   for pair in /usr/bin/gcc:/usr/bin/g++ /usr/bin/gcc-13:/usr/bin/g++-13 /usr/bin/gcc-12:/usr/bin/g++-12 /usr/bin/gcc-14:/usr/bin/g++-14; do
-    [ -x "${pair#*:}" ] || continue
+    [ -x "${pair%%:*}" ] && [ -x "${pair#*:}" ] || continue
+    [ "$(realpath "${pair#*:}")" != "$default_cxx" ] || continue  # the build that just failed
     rm -rf build mlellp_ext/_C*.so
     CC=${pair%%:*} CXX=${pair#*:} step 420 $PY setup.py -q build_ext --inplace
     if raises_cleanly; then
+      status=$status_before  # a compiler that failed to build before this one is not a failure of the check
       echo "== built with $pair" | tee -a "$LOG"; built=1
       export CC=${pair%%:*} CXX=${pair#*:}  # for the JIT build of bench/cuda_variants.cu too
       break
@@ -81,11 +94,14 @@ if ! raises_cleanly; then
 fi
 step 300 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST -k cuda tests
 SAN="compute-sanitizer --error-exitcode 1 --print-limit 20"
-step 240 $SAN --tool memcheck --leak-check no $PY bench/sanitizer_cases.py
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 step 240 $SAN --tool memcheck --leak-check no $PY bench/sanitizer_cases.py
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 step 240 $SAN --tool initcheck $PY bench/sanitizer_cases.py
 step 180 $SAN --tool racecheck $PY bench/sanitizer_cases.py --wide-only
 step 180 $SAN --tool synccheck $PY bench/sanitizer_cases.py --wide-only
 step 300 $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"
 step 180 $PY bench/cuda_variants.py --out "$OUT/cuda_variants_${DEVICE}.json"
-step 240 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST_ALL -k "not cuda" tests
+# (the variants were just built and run: their compile test is for machines without a GPU)
+step 240 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST_ALL -k "not cuda" tests \
+  --deselect tests/test_gpu_kit.py::test_variant_kernels_compile
 echo "== gpu-check $([ $status = 0 ] && echo passed || echo FAILED); log: $LOG"
 exit $status

@@ -6,9 +6,11 @@ A plain script rather than pytest, so that the sanitizer's slow start is paid
 once. Every op runs on fresh random inputs, per-bag kernels (small bags) and
 the block kernel (bags whose rows are 64 or more wide) alike, plus empty bags,
 y = 0 and y = n, infinite logits and rejected input; each result is compared
-with the CPU kernels. The ops allocate their own outputs, so the allocator's
-cache is filled with NaN before each call: an element no kernel wrote most
-likely reads NaN where the CPU has a number.
+with the CPU kernels. The ops allocate their own outputs, so before each call
+blocks of the outputs' sizes are filled with NaN and freed into torch's caching
+allocator, which most likely hands them to the op: an element no kernel wrote
+then reads NaN where the CPU has a number. (gpu-check runs memcheck and
+initcheck with the cache off instead, so that allocations have exact bounds.)
 --wide-only keeps the block-kernel cases (racecheck is slow on shared memory).
 Exits non-zero on any mismatch.
 """
@@ -43,8 +45,10 @@ def same(name, got, want, tol):
         FAILURES.append(name)
 
 
-def poison_cache():
-    torch.full((1 << 22,), float("nan"), device="cuda", dtype=torch.float64)  # freed at once, kept cached
+def poison_cache(*like):
+    """NaN-filled blocks of the sizes of `like`, freed at once and kept by the caching allocator."""
+    for t in like:
+        torch.full(t.shape, float("nan"), device="cuda", dtype=t.dtype)
 
 
 def check_all_ops(label, logits, offsets, counts, gen):
@@ -52,19 +56,19 @@ def check_all_ops(label, logits, offsets, counts, gen):
     dev = [t.cuda() for t in (logits, offsets, counts)]
     torch.cuda.synchronize()
     phi_c, ll_c = torch.ops.mlellp.posterior(logits, offsets, counts)
-    poison_cache()
+    poison_cache(phi_c, ll_c)
     phi_g, ll_g = torch.ops.mlellp.posterior(*dev)
     same(f"{label} posterior phi", phi_g, phi_c, tol)
     same(f"{label} posterior log_lik", ll_g, ll_c, tol)
     g = torch.randn(ll_c.shape, generator=gen, dtype=ll_c.dtype)
-    poison_cache()
+    poison_cache(phi_c)
     same(f"{label} posterior_backward",
          torch.ops.mlellp.posterior_backward(g.cuda(), phi_g, dev[0], dev[1]),
          torch.ops.mlellp.posterior_backward(g, phi_c, logits, offsets), tol)
-    poison_cache()
+    poison_cache(torch.empty(logits.numel() + counts.numel(), dtype=ll_c.dtype))
     same(f"{label} log_pmf", torch.ops.mlellp.log_pmf(dev[0], dev[1]), torch.ops.mlellp.log_pmf(logits, offsets), tol)
     u = torch.randn(logits.shape, generator=gen, dtype=logits.dtype)
-    poison_cache()
+    poison_cache(phi_c)
     same(f"{label} phi_jvp", torch.ops.mlellp.phi_jvp(u.cuda(), *dev), torch.ops.mlellp.phi_jvp(u, logits, offsets, counts), tol)
     torch.cuda.synchronize()
 

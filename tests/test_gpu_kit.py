@@ -1,4 +1,4 @@
-"""The GPU kit (`make gpu-check`) runs only where a GPU is lent, so its parts are checked here
+"""The GPU kit (`make gpu-check`) runs only on a machine with a GPU, so its parts are checked here
 for what can rot without one: the script parses, the candidate kernels still compile against
 bag_recursion.h, and the committed GPU results still render."""
 import glob

@@ -212,11 +212,12 @@ def test_cuda_matches_cpu(gen, dtype):
         logits, offsets, counts = random_bags(gen, num_bags, max_size=max_size, dtype=dtype)
         phi_c, ll_c = post(logits, offsets, counts)
         phi_g, ll_g = post(logits.cuda(), offsets.cuda(), counts.cuda())
-        # The device's exp/log differ from the host's in the last bits: float32 results on bags of
-        # up to 2,000 differ by up to ~2e-5 (seen on an H200), and a float16 phi rounds to either
-        # neighbour (one ulp is 4.9e-4 below 1).
-        tol = 1e-12 if dtype == torch.float64 else 5e-5
-        phi_tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, tol)
+        # float32 phi on an H200 differed from the CPU's by up to 1.5e-5 on bags of up to 300
+        # (built with contraction then; the device's exp/log also differ in the last bits), and
+        # a float16 phi rounds to either neighbour (one ulp is 4.9e-4 below 1). The gradient
+        # g * (phi - sigmoid) carries phi's error.
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        phi_tol = {torch.float32: 5e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, tol)
         torch.testing.assert_close(phi_g.cpu().float(), phi_c.float(), rtol=0, atol=phi_tol)
         torch.testing.assert_close(ll_g.cpu(), ll_c, rtol=tol, atol=tol)
         torch.testing.assert_close(log_pmf(logits.cuda(), offsets.cuda()).cpu(), log_pmf(logits, offsets), rtol=tol, atol=tol)

@@ -60,6 +60,20 @@ def test_phi_jvp_edge_cases(gen, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_phi_jvp_nonfinite_tangent(gen, device, bad):
+    """A non-finite tangent makes its whole bag NaN, certain labels included; other bags keep their values."""
+    logits = torch.tensor([0.3, float("inf"), -1.0, 0.8, 0.2, -0.4], dtype=torch.float64)
+    offsets, counts = torch.tensor([0, 4, 6]), torch.tensor([2, 1])
+    tangent = torch.randn(6, generator=gen, dtype=torch.float64)
+    clean = jvp(tangent, logits, offsets, counts)
+    tangent[2] = bad
+    got = jvp(tangent.to(device), logits.to(device), offsets.to(device), counts.to(device)).cpu()
+    assert torch.isnan(got[:4]).all()
+    torch.testing.assert_close(got[4:], clean[4:], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_phi_jvp_non_contiguous(gen, device):
     logits, offsets, counts = random_bags(gen, 30, device=device)
     tangent = torch.randn(logits.shape, generator=gen, dtype=torch.float64).to(device)

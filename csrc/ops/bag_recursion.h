@@ -893,9 +893,12 @@ MLELLP_HD void phi_jvp_bag(const T* z, const T* u_in, int64_t n, int64_t y_in, T
       }
       // (complemented: Cov(1 - h_i, 1 - h_j) = Cov(h_i, h_j), so out needs no change)
       // A certain label (infinite logit) has zero covariance with everything: exactly 0,
-      // where acc would be a sum of terms that cancel only up to rounding.
+      // where acc would be a sum of terms that cancel only up to rounding (NaN, as for the
+      // whole bag, where the tangent is not finite).
+      const bool certain = lp == -inf_value<T>() || lq == -inf_value<T>();
+      const bool finite_tangent = !is_nan(mean) && !is_inf(mean);
       out[i - 1] = log_p == -inf_value<T>() ? nan_value<T>()
-                   : (lp == -inf_value<T>() || lq == -inf_value<T>()) ? T(0) : acc;
+                   : certain ? (finite_tangent ? T(0) : nan_value<T>()) : acc;
       phi_jvp_shift(rb, hi0 - lo0 + 1);
       T* t = ra; ra = rb; rb = t;
     }
