@@ -26,7 +26,7 @@ $(VENV)/.built: $(VENV)/.deps $(CSRC)
 	touch $@
 
 run: $(VENV)/.built
-	$(PY) -m mlellp_ext.demo
+	$(PY) -m mlellp_ext.app.demo
 
 test: test-cpp test-python
 

@@ -1,22 +1,35 @@
-"""mlellp_ext: exact, fast E-step ops for learning from label proportions.
+"""mlellp_ext: learning from label proportions (MLE-LLP) as a PyTorch library.
 
-Importing this package loads the compiled library, which registers the ops
-``torch.ops.mlellp.posterior``, ``torch.ops.mlellp.log_pmf``,
-``torch.ops.mlellp.posterior_backward`` and ``torch.ops.mlellp.phi_jvp``;
-``ops`` adds their autograd and fake (meta) kernels and the Python functions
-below.
+The library (this package's top-level modules):
+
+* ops (``posterior``, ``log_pmf``, ``bag_log_likelihood``): the exact E-step as
+  custom ops ``torch.ops.mlellp.*`` on CPU and CUDA, with autograd, torch.func
+  and torch.compile support;
+* ``EMTargets`` (em): EM's soft targets, for your own training loop;
+* ``dllp_loss`` (losses): DLLP's bag-proportion loss;
+* ``BagBatchSampler`` (samplers): DataLoader batches of whole bags;
+* bags: the ragged bag layout (``offsets_from_sizes``, ``sizes_from_offsets``).
+
+The application (``mlellp_ext.app``: trainer, datasets, methods, the ``mlellp``
+command) is built on it; the library never imports it.
 """
 import torch  # noqa: F401  (the library links against libtorch)
 
 from . import _C  # noqa: F401  (registers torch.ops.mlellp.*)
 from .bags import offsets_from_sizes, sizes_from_offsets
+from .em import EMTargets
+from .losses import dllp_loss
 from .ops import bag_log_likelihood, log_pmf, posterior
+from .samplers import BagBatchSampler
 
 __all__ = [
+    "BagBatchSampler",
+    "EMTargets",
     "bag_log_likelihood",
+    "dllp_loss",
     "log_pmf",
     "offsets_from_sizes",
     "posterior",
     "sizes_from_offsets",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

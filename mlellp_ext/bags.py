@@ -81,3 +81,28 @@ def split_nested(logits, offsets, counts, op: str, takes_counts: bool = True):
     plain("offsets", offsets)
     plain("counts", counts)
     return logits, offsets, counts, False
+
+
+def check_bag_values(op: str, num_instances: int, offsets: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+    """The value checks of csrc/ops/checks.cpp (same order and words), for Python code
+    that takes the bag layout without calling an op: ``offsets[0] = 0``, non-decreasing,
+    ``offsets[-1] = num_instances`` and ``0 <= counts[b] <= n_b``. Shapes, dtypes and
+    devices are checked before (ops._check_layout_fake)."""
+    offsets = offsets.cpu()
+    if int(offsets[0]) != 0:
+        raise ValueError(f"{op}: offsets[0] must be 0, got {int(offsets[0])}")
+    sizes = offsets.diff()
+    if bool((sizes < 0).any()):
+        b = int(torch.nonzero(sizes < 0)[0])
+        raise ValueError(f"{op}: offsets must be non-decreasing, got offsets[{b + 1}] = {int(offsets[b + 1])} "
+                         f"< offsets[{b}] = {int(offsets[b])}")
+    if int(offsets[-1]) != num_instances:
+        raise ValueError(f"{op}: offsets[-1] must equal len(logits) = {num_instances}, "
+                         f"got offsets[{offsets.numel() - 1}] = {int(offsets[-1])}")
+    if counts is None:
+        return
+    counts = counts.cpu()
+    bad = (counts < 0) | (counts > sizes)
+    if bool(bad.any()):
+        b = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{op}: counts[{b}] = {int(counts[b])} is outside [0, n_b] = [0, {int(sizes[b])}] for bag {b}")

@@ -1,107 +1,160 @@
-"""MLE-LLP by expectation-maximisation: the E-step and the M-step.
+"""EM for learning from label proportions, in your own training loop.
 
-Each EM iteration is one epoch:
-  M-step  one pass of binary cross-entropy against the soft targets phi over
-          shuffled *instance* minibatches (bags never need to fit in a batch);
-  E-step  phi_i = P(h_i = 1 | S_b = y_b) and L = mean_b log P(S_b = y_b) for
-          every training bag, exactly, with torch.ops.mlellp.posterior.
-The E-step takes its logits either from a fresh inference pass (``fresh``:
-exact EM, network in eval mode, no augmentation) or from the logits recorded
-during the M-step epoch (``recorded``: no extra pass, logits from a network
-that changed during the epoch and saw augmented inputs).
-Training stops once |L - L_previous| < tol, but not within the first
-min_epochs iterations: at the start a network that still predicts about the
-bag proportions for everything leaves L nearly flat, and the rule alone would
-stop there (seen on digits with some seeds).
+MLE-LLP (Baručić & Kybic 2022) fits an instance classifier to bag counts by
+expectation-maximisation over the hidden instance labels:
 
-Under torchrun each rank runs both steps on its own shard of the bags, with
-gradients averaged over the ranks at every M-step minibatch, and L is the mean
-over all ranks' bags, so every rank takes the same decision to stop.
+* **E-step** (:meth:`EMTargets.update`): from the logits of all N training
+  instances, the soft targets ``phi_i = P(h_i = 1 | S_b = y_b)`` and the mean bag
+  log-likelihood ``L = mean_b log P(S_b = y_b)``, exactly (:func:`posterior`);
+* **M-step** (yours): ordinary supervised training against the targets, e.g.
+  ``F.binary_cross_entropy_with_logits(model(x), em.targets(positions))`` over
+  minibatches of instances in any order; a bag never has to fit in a batch.
+
+Positions index the flat bag layout: bag b holds positions
+``offsets[b]:offsets[b + 1]`` (see :mod:`mlellp_ext.bags`).
 """
 from __future__ import annotations
 
-import time
+import math
 
 import torch
-import torch.nn.functional as F
 
-from . import distributed
-from .batches import infer_logits
 from .ops import posterior
 
-ESTEP_MODES = ("fresh", "recorded")
+DEFAULT_TOL = 1e-4
+# The stopping rule applies only after this many E-steps: at the start a network that
+# predicts about the bag proportions for everything leaves L nearly flat, and the
+# rule alone would stop there (seen on digits with some seeds).
+DEFAULT_MIN_ITERATIONS = 10
 
 
-def e_step(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor):
-    """Soft targets phi (float32) and mean bag log-likelihood L of the bags."""
-    phi, log_lik = posterior(logits.detach().float(), offsets, counts)  # targets: no graph back to the logits
-    return phi, float(log_lik.mean()) if log_lik.numel() else 0.0
+class EMTargets:
+    """The soft targets of N instances in bag layout, updated by exact E-steps.
 
+    Args:
+        offsets: (B + 1,) int64 bag offsets (``offsets[-1] = N``), any device.
+        counts: (B,) int64 observed count of positives per bag, ``0 <= y_b <= n_b``.
+        tol: :attr:`converged` once ``|L - L_previous| < tol`` ...
+        min_iterations: ... after at least this many :meth:`update` calls.
 
-def m_step(trainer, targets: torch.Tensor):
-    """One epoch of BCE against `targets` over shuffled instance minibatches.
-    Returns (mean loss over all ranks, logits recorded for every training instance
-    of this rank)."""
-    model, bags = trainer.model, trainer.train_bags
-    model.train()
-    recorded = torch.empty(bags.index.numel())
-    total, seen = 0.0, 0
-    for pos in trainer.progress(distributed.instance_batches(trainer), "M-step"):
-        logits = model(trainer.preprocess(bags.index[pos], train=True))
-        loss = F.binary_cross_entropy_with_logits(logits.float(), targets[pos].to(logits.device))
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.sync_gradients(trainer)
-        trainer.optimizer.step()
-        recorded[pos] = logits.detach().float().cpu()
-        total += loss.item() * pos.numel()
-        seen += pos.numel()
-    return distributed.instance_mean(trainer, total, seen), recorded
+    Attributes:
+        phi: (N,) float32 targets; before any update each bag's ``y_b / n_b``.
+            Moves to the device of the logits given to :meth:`update`.
+        log_likelihood: the last ``L`` (float), or None before any update.
+        iterations: number of updates so far.
+        converged: whether the stopping rule holds.
 
+    Bad offsets or counts raise the ops' ``ValueError`` (naming the argument) here,
+    and logits of the wrong shape raise it at :meth:`update`.
 
-class EM:
-    """The MLE-LLP method: state is phi (one soft target per training instance)."""
+    Example (one EM iteration per epoch)::
 
-    name = "mle"
-    own_optimizers = ()  # optimisers besides the trainer's (the learning-rate schedule sets them too)
+        em = EMTargets(offsets, counts)
+        for epoch in range(epochs):
+            for x, positions in loader:  # M-step
+                loss = F.binary_cross_entropy_with_logits(model(x), em.targets(positions))
+                ...
+            em.update(predict_logits(model))  # E-step on all N instances
+            if em.converged:
+                break
+    """
 
-    def __init__(self, trainer, estep: str = "fresh", tol: float = 1e-4, min_epochs: int = 10):
-        if estep not in ESTEP_MODES:
-            raise ValueError(f"--estep must be one of {ESTEP_MODES}, got {estep!r}")
-        bags = trainer.train_bags
-        sizes = bags.offsets[1:] - bags.offsets[:-1]
-        # Initial targets: every instance gets its bag's proportion y_b / n_b.
-        self.phi = torch.repeat_interleave(bags.counts.float() / sizes.clamp(min=1).float(), sizes)
-        self.estep, self.tol, self.min_epochs = estep, tol, min_epochs
+    def __init__(self, offsets: torch.Tensor, counts: torch.Tensor, *, tol: float = DEFAULT_TOL,
+                 min_iterations: int = DEFAULT_MIN_ITERATIONS):
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+            raise ValueError(f"EMTargets: tol must be a non-negative number, got {tol!r}")
+        if not (isinstance(min_iterations, int) and min_iterations >= 0):
+            raise ValueError(f"EMTargets: min_iterations must be a non-negative integer, got {min_iterations!r}")
+        for name, t in (("offsets", offsets), ("counts", counts)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"EMTargets: {name} must be an int64 tensor, got {type(t).__name__}")
+        n = int(offsets[-1]) if offsets.dim() == 1 and offsets.numel() and offsets.dtype == torch.int64 else 0
+        # The op's own checks (offsets, counts and how they fit), with its messages.
+        posterior(torch.zeros(max(n, 0), device=offsets.device), offsets, counts)
+        self.offsets, self.counts = offsets, counts
+        self.num_instances, self.num_bags = n, counts.numel()
+        self.tol, self.min_iterations = float(tol), min_iterations
+        sizes = offsets.diff()
+        self.phi = torch.repeat_interleave(counts.float() / sizes.clamp(min=1).float(), sizes, output_size=n)
+        self.log_likelihood: float | None = None
         self.iterations = 0
-        self.last_L = None
         self.converged = False
+        self._layout = {offsets.device: (offsets, counts)}  # the layout per device (copied once)
 
-    def epoch(self, trainer) -> dict:
-        t0 = time.perf_counter()
-        loss, recorded = m_step(trainer, self.phi)
-        t1 = time.perf_counter()
-        bags = trainer.train_bags
-        logits = infer_logits(trainer.model, trainer.preprocess, bags.index, trainer.cfg.batch_size) \
-            if self.estep == "fresh" else recorded
-        t2 = time.perf_counter()
-        self.phi, L = e_step(logits, bags.offsets, bags.counts)
-        L = distributed.bag_mean(trainer, L, bags.counts.numel())  # over all ranks' bags
-        t3 = time.perf_counter()
+    def __repr__(self):
+        return (f"EMTargets(num_instances={self.num_instances}, num_bags={self.num_bags}, "
+                f"iterations={self.iterations}, log_likelihood={self.log_likelihood}, converged={self.converged})")
+
+    def targets(self, positions) -> torch.Tensor:
+        """The targets ``phi[positions]`` (float32, on phi's device) of these instance positions."""
+        positions = torch.as_tensor(positions)
+        if positions.is_floating_point() or positions.dtype == torch.bool:
+            raise ValueError(f"EMTargets.targets: positions must be integers, got dtype {positions.dtype}")
+        if positions.numel() and (int(positions.min()) < -self.num_instances or
+                                  int(positions.max()) >= self.num_instances):
+            bad = positions[(positions < -self.num_instances) | (positions >= self.num_instances)][0]
+            raise IndexError(f"EMTargets.targets: position {int(bad)} is out of range for "
+                             f"{self.num_instances} instances")
+        return self.phi[positions.to(self.phi.device)]
+
+    def _layout_on(self, device):
+        if device not in self._layout:
+            self._layout[device] = (self.offsets.to(device), self.counts.to(device))
+        return self._layout[device]
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, *, group=None) -> float:
+        """E-step: targets and mean bag log-likelihood L from the logits of all N instances.
+
+        Args:
+            logits: (N,) float logits of every instance, in the bag layout, any device
+                (``phi`` moves there). Not differentiated.
+            group: a ``torch.distributed`` process group when each process holds its
+                own shard of the bags (torchrun): L is then the mean over all processes'
+                bags, so every process takes the same decision to stop. The reduction
+                runs on the CPU unless the group's backend is nccl. None: this process's
+                bags only.
+
+        Returns:
+            L, also stored in :attr:`log_likelihood`.
+        """
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.shape[0] != self.num_instances:
+            got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"EMTargets.update: logits must be 1-D with one entry per instance "
+                             f"(N = {self.num_instances}), got {got}")
+        offsets, counts = self._layout_on(logits.device)
+        phi, log_lik = posterior(logits.detach(), offsets, counts)
+        total = log_lik.double().sum()
+        num_bags = float(self.num_bags)
+        if group is not None:
+            import torch.distributed as dist
+
+            device = logits.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+            both = torch.stack([total.to(device), torch.tensor(num_bags, dtype=torch.float64, device=device)])
+            dist.all_reduce(both, group=group)
+            total, num_bags = both[0], float(both[1])
+        L = float(total) / num_bags if num_bags else 0.0
+        self.phi = phi.float()
         self.iterations += 1
-        self.converged = (self.iterations >= self.min_epochs and self.last_L is not None
-                          and abs(L - self.last_L) < self.tol)
-        self.last_L = L
-        return {"train_loss": loss, "L": L, "m_step_seconds": t1 - t0, "inference_seconds": t2 - t1,
-                "e_step_seconds": t3 - t2}
+        previous, self.log_likelihood = self.log_likelihood, L
+        self.converged = (self.iterations >= self.min_iterations and previous is not None
+                          and abs(L - previous) < self.tol)
+        return L
 
-    def state_dict(self):
-        return {"phi": self.phi, "last_L": torch.tensor(float("nan") if self.last_L is None else self.last_L),
-                "converged": torch.tensor(self.converged), "iterations": torch.tensor(self.iterations)}
+    def state_dict(self) -> dict:
+        """Tensors only (``torch.load(..., weights_only=True)`` reads them)."""
+        L = math.nan if self.log_likelihood is None else self.log_likelihood
+        return {"phi": self.phi, "log_likelihood": torch.tensor(L, dtype=torch.float64),
+                "iterations": torch.tensor(self.iterations), "converged": torch.tensor(self.converged)}
 
-    def load_state_dict(self, state):
-        self.phi = state["phi"]
-        last = float(state["last_L"])
-        self.last_L = None if last != last else last
-        self.converged = bool(state["converged"])
+    def load_state_dict(self, state: dict) -> None:
+        phi = state["phi"]
+        if not isinstance(phi, torch.Tensor) or phi.shape != (self.num_instances,):
+            got = list(phi.shape) if isinstance(phi, torch.Tensor) else type(phi).__name__
+            raise ValueError(f"EMTargets.load_state_dict: phi must have shape [{self.num_instances}] "
+                             f"(one target per instance), got {got}")
+        L = float(state["log_likelihood"] if "log_likelihood" in state else state["last_L"])  # last_L: before 0.2
+        self.phi = phi.to(self.phi.device, torch.float32)
+        self.log_likelihood = None if math.isnan(L) else L
         self.iterations = int(state["iterations"])
+        self.converged = bool(state["converged"])

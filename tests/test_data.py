@@ -1,4 +1,4 @@
-"""Data loading, bag forming and splitting (mlellp_ext.data): small files made in tmp_path."""
+"""Data loading, bag forming and splitting (mlellp_ext.app.data): small files made in tmp_path."""
 import os
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mlellp_ext.data import (
+from mlellp_ext.app.data import (
     BagDataset,
     Bags,
     DataError,

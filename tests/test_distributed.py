@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 import mlellp_ext
-from mlellp_ext.data import Bags
-from mlellp_ext.distributed import DistributedError, World, _pad_to, per_rank_batch_size, shard_assignment
-from mlellp_ext.train import TrainConfig, load_data, train
+from mlellp_ext.app.data import Bags
+from mlellp_ext.app.distributed import DistributedError, World, _pad_to, per_rank_batch_size, shard_assignment
+from mlellp_ext.app.train import TrainConfig, load_data, train
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -151,8 +151,8 @@ def test_resume_under_two_processes(full_run, tmp_path):
 RUN_METHODS = """
 import sys
 
-from mlellp_ext.distributed import shutdown
-from mlellp_ext.train import TrainConfig, train
+from mlellp_ext.app.distributed import shutdown
+from mlellp_ext.app.train import TrainConfig, train
 
 # Several runs in one process: the first train() creates the process group, the others reuse it.
 out, specs = sys.argv[1], sys.argv[2:]
@@ -189,13 +189,6 @@ def test_every_method_under_two_processes(tmp_path):
         _check_method_run(tmp_path / spec.replace(":", "-"))
 
 
-def _llpgan_ready():
-    path = os.path.join(ROOT, "mlellp_ext", "llpgan.py")
-    return os.path.exists(path) and "sync_gradients" in open(path).read()
-
-
-@pytest.mark.skipif(not _llpgan_ready(), reason="mlellp_ext/llpgan.py does not use the trainer's "
-                    "data-parallel helpers (bag_batches, sync_gradients) yet")
 def test_llpgan_under_two_processes(tmp_path):
     script = tmp_path / "run_methods.py"
     script.write_text(RUN_METHODS)

@@ -1,10 +1,15 @@
-"""The EM driver on synthetic data: learning from counts alone, and monotonicity."""
-import types
+"""EM: EMTargets (the library's E-step state) against the op, and the EM method
+learning from counts alone."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 import mlellp_ext
-from mlellp_ext.em import EM, e_step
+from mlellp_ext import EMTargets
+from mlellp_ext.app.batches import Batches
+from mlellp_ext.app.distributed import SINGLE
+from mlellp_ext.app.methods import build_method
 
 
 def synthetic(gen, num_bags=400, dim=5):
@@ -20,30 +25,163 @@ def synthetic(gen, num_bags=400, dim=5):
     return x, y, offsets, counts
 
 
-def fake_trainer(x, offsets, counts, model, seed=0):
-    """The attributes em.EM and em.m_step use, without a dataset on disk."""
-    bags = types.SimpleNamespace(index=torch.arange(x.shape[0]), offsets=offsets, counts=counts)
-    return types.SimpleNamespace(
-        model=model, train_bags=bags, cfg=types.SimpleNamespace(batch_size=64),
-        optimizer=torch.optim.Adam(model.parameters(), lr=0.05), generator=torch.Generator().manual_seed(seed),
-        preprocess=lambda idx, train: x[idx], progress=lambda it, desc: it)
+def random_layout(gen, num_bags=30, max_size=9):
+    sizes = torch.randint(0, max_size + 1, (num_bags,), generator=gen)
+    counts = (torch.rand(num_bags, generator=gen) * (sizes + 1)).floor().long().minimum(sizes)
+    return mlellp_ext.offsets_from_sizes(sizes), counts
 
 
-def test_em_learns_from_counts_alone(gen):
+# ---- EMTargets against the op
+
+def test_initial_targets_are_bag_proportions(gen):
+    offsets, counts = random_layout(gen)
+    em = EMTargets(offsets, counts)
+    sizes = offsets.diff()
+    want = torch.cat([torch.full((int(n),), float(y) / int(n)) for n, y in zip(sizes, counts) if n > 0])
+    assert em.phi.dtype == torch.float32 and em.phi.shape == (int(offsets[-1]),)
+    torch.testing.assert_close(em.phi, want)
+    assert em.log_likelihood is None and em.iterations == 0 and not em.converged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_update_equals_posterior(gen, dtype):
+    offsets, counts = random_layout(gen)
+    em = EMTargets(offsets, counts)
+    logits = (torch.randn(int(offsets[-1]), generator=gen, dtype=torch.float64) * 3).to(dtype)
+    L = em.update(logits)
+    phi, ll = mlellp_ext.posterior(logits, offsets, counts)
+    torch.testing.assert_close(em.phi, phi.float())  # float32 targets, whatever the logits
+    assert em.phi.dtype == torch.float32
+    assert L == em.log_likelihood
+    assert L == pytest.approx(float(ll.double().mean()), rel=1e-6)
+    positions = torch.randperm(int(offsets[-1]), generator=gen)[:7]
+    torch.testing.assert_close(em.targets(positions), phi.float()[positions])
+    torch.testing.assert_close(em.targets(positions.tolist()), phi.float()[positions])
+
+
+def test_stopping_rule(gen):
+    offsets, counts = random_layout(gen)
+    n = int(offsets[-1])
+    em = EMTargets(offsets, counts, tol=1e-3, min_iterations=3)
+    z = torch.randn(n, generator=gen)
+    em.update(z)
+    em.update(z)  # |dL| = 0 < tol, but only 2 iterations
+    assert not em.converged
+    em.update(z + 5)  # 3 iterations, a large change
+    assert not em.converged
+    em.update(z + 5)  # no change, past min_iterations
+    assert em.converged
+    em.update(z)
+    assert not em.converged  # a change again
+    em0 = EMTargets(offsets, counts, tol=1e9, min_iterations=0)
+    em0.update(z)
+    assert not em0.converged  # needs a previous L to compare with
+    em0.update(z)
+    assert em0.converged
+
+
+def test_state_round_trip(gen, tmp_path):
+    offsets, counts = random_layout(gen)
+    em = EMTargets(offsets, counts, min_iterations=2, tol=1e9)
+    for _ in range(2):
+        em.update(torch.randn(int(offsets[-1]), generator=gen))
+    assert em.converged
+    path = tmp_path / "em.pt"
+    torch.save(em.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    other = EMTargets(offsets, counts, min_iterations=2, tol=1e9)
+    other.load_state_dict(state)
+    assert torch.equal(other.phi, em.phi) and other.log_likelihood == em.log_likelihood
+    assert other.iterations == 2 and other.converged
+    fresh = EMTargets(offsets, counts)
+    fresh.load_state_dict(EMTargets(offsets, counts).state_dict())
+    assert fresh.log_likelihood is None and fresh.iterations == 0
+    # the EM method's checkpoints of 0.1 (key last_L) still load
+    fresh.load_state_dict({"phi": em.phi, "last_L": torch.tensor(-1.5), "converged": torch.tensor(False),
+                           "iterations": torch.tensor(4)})
+    assert fresh.log_likelihood == -1.5 and fresh.iterations == 4
+    with pytest.raises(ValueError, match=r"phi must have shape \[\d+\]"):
+        fresh.load_state_dict({**state, "phi": torch.zeros(int(offsets[-1]) + 1)})
+
+
+def test_errors_name_the_argument():
+    offsets = mlellp_ext.offsets_from_sizes([3, 2])
+    with pytest.raises(ValueError, match=r"counts\[0\] = 4 is outside \[0, n_b\] = \[0, 3\] for bag 0"):
+        EMTargets(offsets, torch.tensor([4, 1]))
+    with pytest.raises(ValueError, match="offsets must be int64, got Float"):
+        EMTargets(offsets.float(), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+        EMTargets(torch.tensor([0, 3, 2]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="counts must have num_bags = len\\(offsets\\) - 1 = 2 elements, got 3"):
+        EMTargets(offsets, torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match="counts must be an int64 tensor, got list"):
+        EMTargets(offsets, [1, 1])
+    with pytest.raises(ValueError, match="tol must be a non-negative number"):
+        EMTargets(offsets, torch.tensor([1, 1]), tol=-1.0)
+    with pytest.raises(ValueError, match="min_iterations must be a non-negative integer"):
+        EMTargets(offsets, torch.tensor([1, 1]), min_iterations=2.5)
+    em = EMTargets(offsets, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"logits must be 1-D with one entry per instance \(N = 5\), got shape \[4\]"):
+        em.update(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"got shape \[5, 1\]"):
+        em.update(torch.zeros(5, 1))
+    with pytest.raises(ValueError, match="logits must be float32, float64, float16 or bfloat16, got Long"):
+        em.update(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(IndexError, match="position 5 is out of range for 5 instances"):
+        em.targets(torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="positions must be integers"):
+        em.targets(torch.tensor([0.0]))
+    assert em.iterations == 0  # nothing was half-done
+
+
+# ---- learning
+
+def _em_method(x, offsets, counts, estep, **options):
+    method = build_method("mle", offsets=offsets, counts=counts, batch_size=64, estep=estep, **options)
+    gen = torch.Generator().manual_seed(0)
+    return method, Batches(offsets, counts, 64, gen), lambda pos, train: x[pos]
+
+
+def test_em_method_learns_from_counts_alone(gen):
     torch.manual_seed(0)
     x, y, offsets, counts = synthetic(gen)
     model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 1), torch.nn.Flatten(0))
-    trainer = fake_trainer(x, offsets, counts, model)
-    em = EM(trainer, estep="fresh", tol=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    em, batches, inputs = _em_method(x, offsets, counts, "fresh", tol=1e-4)
     history = []
     for _ in range(30):
-        history.append(em.epoch(trainer)["L"])
+        history.append(em.epoch(model=model, optimizer=optimizer, batches=batches, inputs=inputs, world=SINGLE,
+                                progress=lambda it, desc: it)["L"])
         if em.converged:
             break
     with torch.no_grad():
         acc = ((model(x) > 0).long() == y).float().mean()
     assert acc >= 0.9, (float(acc), history)
     assert history[-1] > history[0]
+
+
+def test_em_targets_learn_in_a_plain_loop(gen):
+    # The library alone, as the README's loop: no trainer, no method object.
+    torch.manual_seed(1)
+    x, y, offsets, counts = synthetic(gen)
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 1), torch.nn.Flatten(0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    em = EMTargets(offsets, counts)
+    for _ in range(30):
+        for pos in torch.randperm(x.shape[0]).split(64):
+            loss = F.binary_cross_entropy_with_logits(model(x[pos]), em.targets(pos))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            em.update(model(x))
+        if em.converged:
+            break
+    acc = ((model(x) > 0).long() == y).float().mean()
+    assert acc >= 0.9, float(acc)
+    # a constant classifier, which learnt nothing, scores about 0.5 here
+    assert float(y.float().mean()) < 0.6
 
 
 def test_em_monotone_with_exact_m_step(gen):
@@ -74,26 +212,17 @@ def test_em_monotone_with_exact_m_step(gen):
     assert Ls[-1] - Ls[0] > 1.0  # it did improve
 
 
-def test_e_step_returns_mean_log_likelihood(gen):
-    logits = torch.randn(20, generator=gen)
-    offsets = mlellp_ext.offsets_from_sizes([5, 7, 8])
-    counts = torch.tensor([1, 3, 8])
-    phi, L = e_step(logits, offsets, counts)
-    ref_phi, ll = mlellp_ext.posterior(logits, offsets, counts)
-    torch.testing.assert_close(phi, ref_phi)
-    assert abs(L - float(ll.mean())) < 1e-6
-
-
-def test_stopping_rule_waits_for_min_epochs(gen):
+def test_stopping_rule_of_the_method_waits_for_min_epochs(gen):
     x, y, offsets, counts = synthetic(gen, num_bags=40)
     model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 1), torch.nn.Flatten(0))
-    trainer = fake_trainer(x, offsets, counts, model)
-    em = EM(trainer, estep="recorded", tol=1e9, min_epochs=3)  # any change counts as converged
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    em, batches, inputs = _em_method(x, offsets, counts, "recorded", tol=1e9, min_epochs=3)  # any change converges
     epochs = 0
     while not em.converged:
-        em.epoch(trainer)
+        em.epoch(model=model, optimizer=optimizer, batches=batches, inputs=inputs, world=SINGLE,
+                 progress=lambda it, desc: it)
         epochs += 1
     assert epochs == 3
-    restored = EM(trainer, estep="recorded", tol=1e9, min_epochs=3)
+    restored, _, _ = _em_method(x, offsets, counts, "recorded", tol=1e9, min_epochs=3)
     restored.load_state_dict(em.state_dict())
-    assert restored.iterations == 3 and restored.converged
+    assert restored.em.iterations == 3 and restored.converged

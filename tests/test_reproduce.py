@@ -4,7 +4,7 @@ import csv
 import numpy as np
 import pytest
 
-from mlellp_ext import cli
+from mlellp_ext.app import cli
 
 
 @pytest.fixture

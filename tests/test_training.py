@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from mlellp_ext import cli
-from mlellp_ext.train import METRIC_COLUMNS, TrainConfig, lr_factor, train
+from mlellp_ext.app import cli
+from mlellp_ext.app.train import METRIC_COLUMNS, TrainConfig, lr_factor, train
 
 SMALL = dict(dataset="digits", backbone="cnn", width=0.25, num_bags=60, epochs=2, batch_size=64, quiet=True)
 
@@ -48,7 +48,7 @@ def test_resume_equals_uninterrupted(tmp_path, estep, schedule):
 def test_resume_refuses_other_options(tmp_path):
     """A resumed run with another seed would draw other bags and apply the saved targets
     phi to other instances without a word; only the run length and display may change."""
-    from mlellp_ext.data import DataError
+    from mlellp_ext.app.data import DataError
 
     cfg = dict(SMALL, epochs=2, method="mle", tol=0.0)
     out = str(tmp_path / "run")
@@ -224,7 +224,7 @@ def test_cli_evaluate_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["mle", "llpgan"])
 def test_cosine_schedule_sets_every_optimiser(tmp_path, monkeypatch, method):
-    import mlellp_ext.train as train_module
+    import mlellp_ext.app.train as train_module
 
     seen = []
     original = train_module.Trainer.checkpoint_state
@@ -250,3 +250,39 @@ def test_cosine_schedule_sets_every_optimiser(tmp_path, monkeypatch, method):
 def test_unknown_lr_schedule_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="--lr-schedule must be one of constant, cosine, got 'step'"):
         train(TrainConfig(out=str(tmp_path / "x"), lr_schedule="step", **SMALL))
+
+
+def test_cli_evaluate_and_predict_score_another_file_whole(tmp_path, capsys):
+    """A model trained on train.npz with --num-bags, scored on a smaller test.npz: every
+    instance of test.npz, bags drawn from all of it with the model's bag sizes; nothing of
+    the training run's --num-bags or split carries over."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for name, n in (("train.npz", 300), ("test.npz", 70)):
+        np.savez(tmp_path / name, x=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), y=rng.integers(0, 2, n))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "npz", "--data-root", str(tmp_path / "train.npz"), "--num-bags", "50",
+                     "--bag-size", "2:6", "--epochs", "1", "--width", "0.25", "--out", str(out), "--quiet"]) == 0
+    model = str(out / "model.pt")
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", model]) == 0  # its own data: the test split of its 50 bags
+    own = json.loads(capsys.readouterr().out)
+    assert own["n_bags"] == 10 and own["split"] == "test" and own["data"] == "the model's"
+    test_file = ["--data-root", str(tmp_path / "test.npz")]
+    assert cli.main(["evaluate", "--model", model, *test_file]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["n_instances"] == 70 and other["split"] == "all" and other["data"] == "other"
+    assert 70 - 5 <= other["n_bag_instances"] <= 70 and other["n_bags"] >= 70 // 6
+    assert other["accuracy"] is not None and other["bag_mae"] is not None
+    pred = tmp_path / "p.csv"
+    assert cli.main(["predict", "--model", model, *test_file, "--out", str(pred)]) == 0
+    rows = list(csv.DictReader(open(pred)))
+    assert sorted(int(r["instance"]) for r in rows) == list(range(70))
+    bag_rows = list(csv.DictReader(open(tmp_path / "p_bags.csv")))
+    assert len(bag_rows) == other["n_bags"]
+    assert sum(r["bag"] != "" for r in rows) == other["n_bag_instances"]
+    for extra, message in ((["--split", "test"], "--split test applies to the model's own data"),
+                           (["--test-fraction", "0.5"], "--test-root and --test-fraction apply to the model's own")):
+        assert cli.main(["evaluate", "--model", model, *test_file, *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bags import bag_index
-from .baselines import _Baseline
+from ...bags import bag_index
+from ..distributed import instance_mean
+from .common import Method, epoch_stats, gradient_step, mean_log_likelihood
 
 NOISE_DIM = 100
 
@@ -56,15 +57,14 @@ def real_fake_terms(class_logits: torch.Tensor):
     return lse - F.softplus(lse), -F.softplus(lse)
 
 
-class LLPGAN(_Baseline):
+class LLPGAN(Method):
     name = "llpgan"
 
-    def __init__(self, trainer):
-        if trainer.cfg.backbone != "cnn":
-            raise ValueError("--method llpgan uses the cnn backbone (LLP-GAN's discriminator)")
-        x = trainer.data.x
-        self.generator = Generator(x.shape[1], x.shape[-2:], trainer.cfg.width).to(trainer.device)
-        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=trainer.cfg.lr, betas=(0.5, 0.999))
+    def __init__(self, offsets, counts, image_shape, width: float, lr: float, device):
+        self.offsets, self.counts = offsets, counts
+        channels, *size = image_shape
+        self.generator = Generator(channels, size, width).to(device)
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=(0.5, 0.999))
         self.own_optimizers = (self.g_optimizer,)
 
     def state_dict(self):
@@ -74,15 +74,16 @@ class LLPGAN(_Baseline):
         self.generator.load_state_dict(state["generator"])
         self.g_optimizer.load_state_dict(state["g_optimizer"])
 
-    def epoch(self, trainer):
+    def epoch(self, *, model, optimizer, batches, inputs, world, progress):
         t0 = time.perf_counter()
-        disc, bags, device = trainer.model, trainer.train_bags, trainer.device
+        disc = model
         disc.train()
         self.generator.train()
-        recorded = torch.empty(bags.index.numel())
+        recorded = torch.empty(batches.num_instances)
         total, seen = 0.0, 0
-        for batch in trainer.progress(trainer.bag_batches(), self.name):
-            real = trainer.preprocess(bags.index[batch.positions], train=True)
+        for batch in progress(batches.bags(), self.name):
+            real = inputs(batch.positions, train=True)
+            device = real.device
             noise = torch.randn(real.shape[0], self.generator.noise_dim, device=device)
 
             # Discriminator: bag proportions + real/fake.
@@ -98,22 +99,17 @@ class LLPGAN(_Baseline):
             log_real, _ = real_fake_terms(logits)
             _, log_fake = real_fake_terms(disc.class_logits(self.generator(noise).detach()))
             loss_d = loss_prop - log_real.mean() - log_fake.mean()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss_d.backward()
-            trainer.sync_gradients()
-            trainer.optimizer.step()
+            gradient_step(loss_d, optimizer, world, disc)
 
             # Generator: feature matching on the discriminator's pooled features.
             with torch.no_grad():
                 real_features = disc.features(real).mean(0)
             fake_features = disc.features(self.generator(noise)).mean(0)
             loss_g = (real_features - fake_features).pow(2).mean()
-            self.g_optimizer.zero_grad(set_to_none=True)
-            loss_g.backward()
-            trainer.sync_gradients(self.generator)
-            self.g_optimizer.step()
+            gradient_step(loss_g, self.g_optimizer, world, self.generator)
 
             recorded[batch.positions] = (logits[:, 1] - logits[:, 0]).detach().float().cpu()
             total += loss_d.item() * batch.counts.numel()
             seen += batch.counts.numel()
-        return self._result(trainer, trainer.instance_mean(total, seen), recorded, t0)
+        L = mean_log_likelihood(recorded, self.offsets, self.counts, world)
+        return epoch_stats(instance_mean(world, total, seen), L, t0)

@@ -29,15 +29,16 @@ several networks with several backward passes per step, and run inference on
 shards of different sizes, where DDP's per-forward buffer broadcast would
 wait forever. The arithmetic is DDP's: the mean of the ranks' gradients.
 
-A training method is data-parallel correct when it
+A training method (``mlellp_ext.app.methods``) is data-parallel correct when it
 
-1. iterates over :func:`instance_batches` / :func:`bag_batches` (or the
-   ``Trainer`` methods of the same names) instead of building its own batches,
-   so every rank takes the same number of steps;
-2. calls :func:`sync_gradients` (``trainer.sync_gradients(*modules)``) between
-   ``backward()`` and ``optimizer.step()`` for every network it trains;
+1. iterates over the minibatches it is given (``batches.instances()`` /
+   ``batches.bags()``, :class:`mlellp_ext.app.batches.Batches`), which have the same
+   number of steps on every rank, instead of building its own;
+2. takes every optimiser step through ``methods.common.gradient_step``, which
+   averages the gradients of the networks it names over the ranks;
 3. reports quantities averaged over bags or instances through
-   :func:`bag_mean` / :func:`instance_mean`, so the logs agree across ranks;
+   :func:`bag_mean` / :func:`instance_mean` (or ``EMTargets.update(..., group=world.group)``),
+   so the logs agree across ranks;
 4. keeps per-rank state (e.g. one soft target per instance of its shard) in
    its ``state_dict()``: the checkpoint stores every rank's ``state_dict()``;
 5. builds any network of its own in ``__init__``: the Trainer creates the
@@ -57,16 +58,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import batches as _batches
+from .data import DataError
 
 __all__ = [
     "DistributedError",
     "World",
-    "bag_batches",
     "bag_mean",
-    "instance_batches",
     "instance_mean",
     "per_rank_batch_size",
+    "resolve_device",
     "setup",
     "shard_assignment",
     "shutdown",
@@ -97,6 +97,16 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def group(self):
+        """The process group for reductions of scalars on the CPU (None for a single
+        process): what ``EMTargets.update(..., group=)`` takes."""
+        if not self.distributed:
+            return None
+        import torch.distributed as dist
+
+        return self.cpu_group if self.cpu_group is not None else dist.group.WORLD
+
 
 SINGLE = World()
 _CPU_GROUP = None  # the gloo group beside an nccl default group (created once, on every rank)
@@ -111,6 +121,17 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (cuda if available), cpu, cuda or cuda:K, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise DataError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
 
 
 def launched_world_size() -> int:
@@ -131,8 +152,6 @@ def setup(device_name: str) -> World:
     if size <= 1:
         return World()
     import torch.distributed as dist
-
-    from .train import resolve_device
 
     if not dist.is_available():
         raise DistributedError(f"WORLD_SIZE={size} but this torch build has no torch.distributed")
@@ -189,11 +208,6 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _CREATED, _CPU_GROUP = False, None
-
-
-def world_of(trainer) -> World:
-    """The trainer's World (a single process for objects without one, e.g. test doubles)."""
-    return getattr(trainer, "world", None) or SINGLE
 
 
 # ---------------------------------------------------------------------------
@@ -287,20 +301,18 @@ def broadcast_from_main(world: World, obj):
     return box[0]
 
 
-def bag_mean(trainer, mean: float, num_bags: int) -> float:
+def bag_mean(world: World, mean: float, num_bags: int) -> float:
     """The mean over all ranks' bags of a per-bag quantity whose mean over this
     rank's `num_bags` bags is `mean` (returned unchanged for a single process)."""
-    world = world_of(trainer)
     if not world.distributed:
         return mean
     total, count = all_sum(world, [mean * num_bags, num_bags])
     return total / count if count else 0.0
 
 
-def instance_mean(trainer, total: float, seen: int) -> float:
+def instance_mean(world: World, total: float, seen: int) -> float:
     """sum over ranks of `total` / sum over ranks of `seen` (for one process:
-    ``total / max(seen, 1)``, as before)."""
-    world = world_of(trainer)
+    ``total / max(seen, 1)``)."""
     if not world.distributed:
         return total / max(seen, 1)
     total, seen = all_sum(world, [total, seen])
@@ -327,37 +339,6 @@ def _pad_to(batches: list, steps: int, more) -> list:
     return batches
 
 
-def instance_batches(trainer, num: int | None = None):
-    """Shuffled minibatches of positions 0..num-1 (default: this rank's training
-    instances, ``trainer.train_bags.index``). One process: exactly
-    ``batches.instance_batches(num, cfg.batch_size, trainer.generator)``. Several:
-    ``per_rank_batch_size`` positions per batch and the same number of batches
-    on every rank (a short rank repeats batches of a fresh shuffle)."""
-    num = trainer.train_bags.index.numel() if num is None else int(num)
-    world = world_of(trainer)
-    if not world.distributed:
-        return _batches.instance_batches(num, trainer.cfg.batch_size, trainer.generator)
-    size = per_rank_batch_size(trainer.cfg.batch_size, world)
-    out = list(_batches.instance_batches(num, size, trainer.generator))
-    steps = all_max(world, len(out))
-    return _pad_to(out, steps, lambda: _batches.instance_batches(num, size, trainer.generator))
-
-
-def bag_batches(trainer, bags=None):
-    """Shuffled minibatches of whole bags (batches.BagBatch) of this rank's
-    training bags (or `bags`). One process: exactly ``batches.bag_batches(...,
-    cfg.batch_size, trainer.generator)``; several: about ``per_rank_batch_size``
-    instances per batch and the same number of batches on every rank."""
-    bags = trainer.train_bags if bags is None else bags
-    world = world_of(trainer)
-    if not world.distributed:
-        return _batches.bag_batches(bags.offsets, bags.counts, trainer.cfg.batch_size, trainer.generator)
-    size = per_rank_batch_size(trainer.cfg.batch_size, world)
-    out = list(_batches.bag_batches(bags.offsets, bags.counts, size, trainer.generator))
-    steps = all_max(world, len(out))
-    return _pad_to(out, steps, lambda: _batches.bag_batches(bags.offsets, bags.counts, size, trainer.generator))
-
-
 # ---------------------------------------------------------------------------
 # Gradients, buffers and parameters
 
@@ -370,19 +351,17 @@ def _tensor_groups(tensors):
     return list(groups.values())
 
 
-def sync_gradients(trainer, *modules) -> None:
-    """Average the gradients of `modules` (default: ``trainer.model``) over the
+def sync_gradients(world: World, *modules) -> None:
+    """Average the gradients of `modules` over the
     ranks, in place, and give every rank rank 0's buffers (e.g. batch-norm
     statistics), as DistributedDataParallel does. Call it between ``backward()``
     and ``optimizer.step()``. A parameter without a gradient on every rank keeps
     ``grad = None``; one with a gradient on some ranks gets the average with
     zeros for the others. No-op for a single process."""
-    world = world_of(trainer)
     if not world.distributed:
         return
     import torch.distributed as dist
 
-    modules = modules or (trainer.model,)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     for group in _tensor_groups(params):
         present = torch.tensor([0.0 if p.grad is None else 1.0 for p in group], dtype=group[0].dtype,
@@ -439,5 +418,5 @@ def check_in_sync(world: World, module, what: str) -> None:
     if not torch.equal(hi, lo):
         raise DistributedError(
             f"{what}: the model's parameters differ between ranks. A method's training loop must take its "
-            f"minibatches from trainer.instance_batches()/bag_batches() and call trainer.sync_gradients() "
-            f"between backward() and optimizer.step() (see mlellp_ext/distributed.py)")
+            f"minibatches from the Batches it is given and every optimiser step through "
+            f"methods.common.gradient_step (see mlellp_ext/app/distributed.py)")

@@ -1,8 +1,9 @@
 """The training loop shared by every method: data, model, epochs, metrics, checkpoints.
 
-A method (em.EM, baselines.*) implements ``epoch(trainer) -> dict``, holds
-its own state and lists in ``own_optimizers`` any optimiser besides the
-trainer's (the learning-rate schedule sets them too); this module runs epochs, evaluates on the test bags, writes
+A method (see methods/common.py; chosen by name from the registry,
+methods.METHODS) implements ``epoch(model=, optimizer=, batches=, inputs=, world=,
+progress=) -> dict`` and holds its own state; this module builds the data, the
+network and the method, runs epochs, evaluates on the test bags, writes
 ``metrics.csv``, ``checkpoint.pt`` (atomically, every epoch), ``model.pt``,
 ``config.json`` and ``curves.png``, and resumes from a checkpoint.
 
@@ -22,18 +23,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bags import bag_index
+from ..em import DEFAULT_MIN_ITERATIONS, DEFAULT_TOL
+from ..ops import posterior
 from . import distributed
-from .batches import Preprocess, infer_logits
+from .batches import Batches, Preprocess, TrainingInputs, infer_logits
 from .data import (DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION, GIVEN_BAGS, BagDataset, DataError, load_dataset, parse_bag_size,
                    subset_bags)
+from .distributed import resolve_device
+from .methods import METHODS, build_method
 from .models import build_backbone
 
-METHODS = ("mle", "mle-direct", "dllp", "supervised", "llpgan")
-
-
-def num_outputs(method: str) -> int:
-    """LLP-GAN's discriminator has K = 2 real-class logits; every other method one."""
-    return 2 if method == "llpgan" else 1
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "L", "e_step_seconds", "inference_seconds", "m_step_seconds",
                   "epoch_seconds", "test_accuracy", "test_auc", "test_bag_mae", "test_L")
 LR_SCHEDULES = ("constant", "cosine")
@@ -72,8 +72,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
     estep: str = "fresh"
-    tol: float = 1e-4
-    min_epochs: int = 10
+    tol: float = DEFAULT_TOL
+    min_epochs: int = DEFAULT_MIN_ITERATIONS
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -99,24 +99,17 @@ def check_options(cfg: TrainConfig) -> None:
         raise DataError(f"--weights applies to --backbone resnet18 only, got --backbone {cfg.backbone}")
     if cfg.weights is not None and not os.path.isfile(cfg.weights):
         raise DataError(f"--weights {cfg.weights}: no such file")
-    if cfg.method == "llpgan" and cfg.backbone != "cnn":
-        raise DataError(f"--method llpgan uses --backbone cnn (LLP-GAN's discriminator), got {cfg.backbone}")
+    if cfg.method not in METHODS:
+        raise DataError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    needs = METHODS[cfg.method].backbone
+    if needs is not None and cfg.backbone != needs:
+        raise DataError(f"--method {cfg.method} uses --backbone {needs}, got {cfg.backbone}")
     for option, value in (("--lr", cfg.lr), ("--width", cfg.width)):
         if not (math.isfinite(value) and value > 0):
             bad(option, value, "a positive number")
     for option, value in (("--weight-decay", cfg.weight_decay), ("--tol", cfg.tol)):
         if not (math.isfinite(value) and value >= 0):
             bad(option, value, "a non-negative number")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise DataError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
 
 
 def load_data(cfg) -> BagDataset:
@@ -138,43 +131,37 @@ def bag_metrics(model, preprocess, data, bags, batch_size) -> tuple[dict, torch.
 
 def metrics_from_logits(logits, data, bags) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """bag_metrics() from the logits of the instances ``bags.index``."""
-    from .ops import posterior
-
     prob = torch.sigmoid(logits)
-    sizes = bags.offsets[1:] - bags.offsets[:-1]
-    bag = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
-    expected = torch.zeros(sizes.numel()).index_add_(0, bag, prob)
+    sizes = bags.offsets.diff()
+    expected = torch.zeros(sizes.numel()).index_add_(0, bag_index(bags.offsets, prob.numel()), prob)
     out = {"bag_mae": float((expected - bags.counts.float()).abs().mean()) if sizes.numel() else math.nan,
            "L": float(posterior(logits, bags.offsets, bags.counts)[1].mean()) if sizes.numel() else math.nan,
-           "accuracy": math.nan, "auc": math.nan, "n_instances": int(bags.index.numel()), "n_bags": int(sizes.numel())}
-    if data.y is not None and bags.index.numel():
-        y = data.y[bags.index]
-        out["accuracy"] = float(((prob > 0.5).long() == y).float().mean())
-        out["auc"] = auc(prob, y)
+           **instance_metrics(prob, None if data.y is None else data.y[bags.index]),
+           "n_instances": int(bags.index.numel()), "n_bags": int(sizes.numel())}
     return out, prob, expected
 
 
+def instance_metrics(prob: torch.Tensor, y: torch.Tensor | None) -> dict:
+    """Accuracy (threshold 0.5) and ROC AUC of instance probabilities; NaN without labels,
+    and AUC NaN where one class is absent (undefined)."""
+    if y is None or y.numel() == 0:
+        return {"accuracy": math.nan, "auc": math.nan}
+    return {"accuracy": float(((prob > 0.5).long() == y).float().mean()), "auc": auc(prob, y)}
+
+
 def auc(score: torch.Tensor, y: torch.Tensor) -> float:
-    """ROC AUC by the rank statistic (ties averaged); NaN if one class is absent."""
-    pos, neg = int(y.sum()), int((1 - y).sum())
-    if pos == 0 or neg == 0:
+    """ROC AUC (scikit-learn's); NaN if one class is absent, where it is undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    if y.numel() == 0 or bool((y == y[0]).all()):
         return math.nan
-    order = torch.argsort(score)
-    ranks = torch.empty(len(score), dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(score) + 1, dtype=torch.float64)
-    # average ranks over ties
-    uniq, inverse = torch.unique(score, return_inverse=True)
-    if len(uniq) < len(score):
-        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-        cnts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
-        ranks = (sums / cnts)[inverse]
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return float(roc_auc_score(y.numpy(), score.double().numpy()))
 
 
 class Trainer:
-    """What a method's epoch needs: model, optimiser, data, preprocessing, RNG, progress,
-    and the data-parallel helpers (instance_batches, bag_batches, sync_gradients,
-    bag_mean, instance_mean), which are plain single-process code without torchrun."""
+    """A training run's parts: data and bags (this rank's shard under torchrun), model,
+    optimiser, inputs, minibatches, RNG, the method, checkpoints. The method gets
+    what it needs from here as arguments (epoch()), never the trainer itself."""
 
     def __init__(self, cfg: TrainConfig, world: distributed.World | None = None):
         self.cfg = cfg
@@ -187,15 +174,26 @@ class Trainer:
             raise DataError("no training bags: check --num-bags, --bag-size and --test-fraction")
         if self.world.distributed:
             self._shard()
+        spec = METHODS[cfg.method]
         in_channels = self.data.x.shape[1]
-        self.model = build_backbone(cfg.backbone, in_channels, num_outputs(cfg.method), cfg.width,
+        self.model = build_backbone(cfg.backbone, in_channels, spec.num_outputs, cfg.width,
                                     cfg.weights).to(self.device)
         lr_factor(cfg.lr_schedule, 0, cfg.epochs)  # rejects an unknown schedule before any work
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.preprocess = Preprocess(self.data.x, self.data.is_rgb, cfg.augment, self.device)
         # Shuffling has its own generator; augmentation and dropout use the global RNG.
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.method = make_method(cfg, self)
+        bags = self.train_bags
+        self.batches = Batches(bags.offsets, bags.counts, cfg.batch_size, self.generator, self.world)
+        self.inputs = TrainingInputs(self.preprocess, bags.index)
+        offered = dict(offsets=bags.offsets, counts=bags.counts, model=self.model, device=self.device,
+                       image_shape=tuple(self.data.x.shape[1:]), batch_size=cfg.batch_size, lr=cfg.lr,
+                       width=cfg.width, seed=cfg.seed, estep=cfg.estep, tol=cfg.tol, min_epochs=cfg.min_epochs)
+        if spec.needs_labels:
+            if self.data.y is None:
+                raise DataError(f"--method {cfg.method} needs instance labels, and this dataset has none")
+            offered["labels"] = self.data.y[bags.index]
+        self.method = build_method(cfg.method, **offered)
         if self.world.distributed:
             # Every rank built the same networks from cfg.seed (rank 0's are broadcast all the
             # same, as DistributedDataParallel does); from here on each rank draws its own
@@ -228,27 +226,10 @@ class Trainer:
 
         return tqdm(iterable, desc=desc, leave=False, unit="batch")
 
-    # ---- data-parallel helpers (see distributed.py); single process: the plain computation
-    def instance_batches(self, num=None):
-        """Shuffled minibatches of positions into train_bags.index, the same number on every rank."""
-        return distributed.instance_batches(self, num)
-
-    def bag_batches(self, bags=None):
-        """Shuffled minibatches of whole training bags, the same number on every rank."""
-        return distributed.bag_batches(self, bags)
-
-    def sync_gradients(self, *modules):
-        """Average the gradients of `modules` (default: the model) over the ranks; call
-        it between backward() and optimizer.step()."""
-        distributed.sync_gradients(self, *modules)
-
-    def bag_mean(self, mean, num_bags):
-        """Mean over all ranks' bags, from this rank's mean over its num_bags bags."""
-        return distributed.bag_mean(self, mean, num_bags)
-
-    def instance_mean(self, total, seen):
-        """sum of total / sum of seen over the ranks."""
-        return distributed.instance_mean(self, total, seen)
+    def run_epoch(self) -> dict:
+        """One epoch of the method, given what it needs."""
+        return self.method.epoch(model=self.model, optimizer=self.optimizer, batches=self.batches,
+                                 inputs=self.inputs, world=self.world, progress=self.progress)
 
     def test_metrics(self) -> dict:
         """bag_metrics() on the test bags; under torchrun each rank infers its test shard
@@ -382,25 +363,6 @@ def _to_cpu(obj):
     return obj
 
 
-def make_method(cfg, trainer):
-    from .baselines import DLLP, DirectLikelihood, Supervised
-    from .em import EM
-
-    if cfg.method == "mle":
-        return EM(trainer, estep=cfg.estep, tol=cfg.tol, min_epochs=cfg.min_epochs)
-    if cfg.method == "mle-direct":
-        return DirectLikelihood(trainer)
-    if cfg.method == "dllp":
-        return DLLP(trainer)
-    if cfg.method == "supervised":
-        return Supervised(trainer)
-    if cfg.method == "llpgan":
-        from .llpgan import LLPGAN
-
-        return LLPGAN(trainer)
-    raise ValueError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
-
-
 def atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -441,7 +403,8 @@ def plot_curves(path, history, title):
 def model_payload(trainer):
     cfg = dataclasses.asdict(trainer.cfg)
     return {"state_dict": trainer.model.state_dict(), "config": cfg,
-            "in_channels": int(trainer.data.x.shape[1]), "classes": list(trainer.data.classes)}
+            "num_outputs": METHODS[trainer.cfg.method].num_outputs, "in_channels": int(trainer.data.x.shape[1]),
+            "classes": list(trainer.data.classes)}
 
 
 def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
@@ -491,7 +454,7 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
             for group in opt.param_groups:
                 group["lr"] = lr
         t0 = time.perf_counter()
-        stats = trainer.method.epoch(trainer)
+        stats = trainer.run_epoch()
         seconds = time.perf_counter() - t0
         if world.distributed:
             check_ranks_agree(trainer, stats, epoch)
@@ -540,7 +503,7 @@ def check_ranks_agree(trainer, stats, epoch) -> None:
     if not all(all(same(x, y) for x, y in zip(other, mine)) for other in seen):
         raise distributed.DistributedError(
             f"{what}: the ranks disagree on (L, train_loss, converged): {seen}. A method must report means over "
-            f"all ranks (trainer.bag_mean / trainer.instance_mean) and decide to stop from them")
+            f"all ranks (distributed.bag_mean / instance_mean) and decide to stop from them")
 
 
 def write_shards(trainer) -> None:
@@ -574,7 +537,9 @@ def load_model(path: str, device: str = "auto"):
     """(model in eval mode, payload) from a model.pt written by train()."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     cfg = payload["config"]
-    model = build_backbone(cfg["backbone"], payload["in_channels"], num_outputs(cfg["method"]), cfg["width"], None)
+    # Files written before 0.2 have no num_outputs: their methods are all registered.
+    num_outputs = payload["num_outputs"] if "num_outputs" in payload else METHODS[cfg["method"]].num_outputs
+    model = build_backbone(cfg["backbone"], payload["in_channels"], num_outputs, cfg["width"], None)
     model.load_state_dict(payload["state_dict"])
     model.to(resolve_device(device)).eval()
     return model, payload

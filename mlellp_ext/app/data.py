@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bags import offsets_from_sizes, sizes_from_offsets
+from ..bags import offsets_from_sizes, sizes_from_offsets
 
 __all__ = [
     "BagDataset",

@@ -19,11 +19,13 @@ import math
 import os
 import sys
 
-from .em import ESTEP_MODES
+from .data import DATASETS
+from .methods import ESTEP_MODES, METHODS
 from .models import BACKBONES
-from .train import LR_SCHEDULES
+from .train import LR_SCHEDULES, TrainConfig
 
-DATASETS = ("digits", "npz", "cifar10", "family-faces", "manifest")
+# train's defaults are TrainConfig's (one place for each).
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 DATA_OPTIONS = ("dataset", "data_root", "classes", "download", "test_root", "counts_file", "bag_size",
                 "num_bags", "test_fraction", "seed")
 
@@ -35,7 +37,7 @@ def _add_data_options(p, defaults: bool):
     dflt = (lambda text: f" (default {text})") if defaults else (lambda text: "")
     g = p.add_argument_group("data", None if defaults else
                              "each option left out is the one the model was trained with")
-    g.add_argument("--dataset", choices=DATASETS, default=d("digits"),
+    g.add_argument("--dataset", choices=DATASETS, default=d(DEFAULTS["dataset"]),
                    help="digits: scikit-learn's bundled digits (label: digit >= 5); npz: --data-root FILE.npz "
                         "(x uint8 NxHxWxC, y); cifar10: torchvision CIFAR10 under --data-root; family-faces: a folder "
                         "of BAGID-...{f|m}.EXT crops; manifest: --data-root instances.csv (path,bag[,label]) "
@@ -56,8 +58,9 @@ def _add_data_options(p, defaults: bool):
                         "family-faces, manifest: the first N given bags")
     g.add_argument("--test-fraction", type=float, default=None,
                    help="fraction of bags for testing" + dflt("0.2") + "; not with --test-root")
-    g.add_argument("--seed", type=int, default=d(0), help="seed of bags, split, initialisation and shuffling"
-                   + dflt("0") if defaults else "seed of bags and split")
+    g.add_argument("--seed", type=int, default=d(DEFAULTS["seed"]),
+                   help="seed of bags, split, initialisation and shuffling" + dflt(DEFAULTS["seed"]) if defaults
+                   else "seed of bags and split")
 
 
 def build_parser():
@@ -66,27 +69,27 @@ def build_parser():
 
     t = sub.add_parser("train", help="train an instance classifier from bag counts")
     _add_data_options(t, defaults=True)
-    t.add_argument("--method", choices=("mle", "mle-direct", "dllp", "supervised", "llpgan"), default="mle",
-                   help="mle: EM (default); mle-direct: -log P(y|X) by gradient descent; dllp: bag-proportion "
-                        "loss; supervised: instance labels (upper bound); llpgan: LLP-GAN")
-    t.add_argument("--backbone", choices=BACKBONES, default="cnn")
-    t.add_argument("--width", type=float, default=1.0, help="channel multiplier of the cnn backbone")
+    t.add_argument("--method", choices=list(METHODS), default=DEFAULTS["method"],
+                   help="; ".join(f"{name}: {spec.help}" for name, spec in METHODS.items()))
+    t.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS["backbone"])
+    t.add_argument("--width", type=float, default=DEFAULTS["width"], help="channel multiplier of the cnn backbone")
     t.add_argument("--weights", default=None, help="local resnet18 weights (state_dict) to start from")
-    t.add_argument("--epochs", type=int, default=30, help="epoch limit (EM may stop earlier)")
-    t.add_argument("--batch-size", type=int, default=64,
+    t.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epoch limit (EM may stop earlier)")
+    t.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help="instances per minibatch (under torchrun: in all; each of K processes takes "
                         "batch-size/K, rounded up)")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+    t.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=DEFAULTS["lr_schedule"],
                    help="constant, or cosine: lr * (1 + cos(pi * epoch / epochs)) / 2 in each epoch")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--estep", choices=ESTEP_MODES, default="fresh",
+    t.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    t.add_argument("--estep", choices=ESTEP_MODES, default=DEFAULTS["estep"],
                    help="E-step logits: fresh inference pass (exact EM) or recorded during the M-step")
-    t.add_argument("--tol", type=float, default=1e-4, help="EM stops when |change of mean bag log-likelihood| < tol")
-    t.add_argument("--min-epochs", type=int, default=10,
-                   help="EM's stopping rule applies only after this many epochs (default 10)")
+    t.add_argument("--tol", type=float, default=DEFAULTS["tol"],
+                   help="EM stops when |change of mean bag log-likelihood| < tol")
+    t.add_argument("--min-epochs", type=int, default=DEFAULTS["min_epochs"],
+                   help=f"EM's stopping rule applies only after this many epochs (default {DEFAULTS['min_epochs']})")
     t.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/blur/colour jitter")
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    t.add_argument("--device", default=DEFAULTS["device"], help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt with the options it was started with (only --epochs, --tol, "
@@ -98,7 +101,9 @@ def build_parser():
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, help="model.pt written by train")
         _add_data_options(p, defaults=False)
-        p.add_argument("--split", choices=("test", "train", "all"), default="test", help="which bags (default test)")
+        p.add_argument("--split", choices=("test", "train", "all"), default=None,
+                       help="which bags of the model's own data (default test); data other than the model's "
+                            "(another --dataset or --data-root) is scored whole, every instance")
         p.add_argument("--device", default="auto")
         p.add_argument("--batch-size", type=int, default=256)
         if name == "predict":
@@ -118,7 +123,7 @@ def _reproduce(args):
 
 
 def _train(args):
-    from .train import TrainConfig, train
+    from .train import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -130,9 +135,20 @@ def _train(args):
         shutdown()  # the process group, under torchrun
 
 
+def _same_file(a, b) -> bool:
+    if a is None or b is None:
+        return a == b
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (here): compare the names
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def _model_and_bags(args):
-    from .data import Bags, DataError
-    from .train import TrainConfig, load_data, load_model, settled_data_options
+    """(model, dataset, bags, whole): the bags to score and whether the data are other
+    than the model's own (then every instance is scored, bags or not)."""
+    from .data import DataError
+    from .train import load_data, load_model, settled_data_options
 
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -141,27 +157,65 @@ def _model_and_bags(args):
     model, payload = load_model(args.model, args.device)
     cfg = TrainConfig(**payload["config"])
     overrides = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
+    other = (overrides.get("dataset", cfg.dataset) != cfg.dataset
+             or ("data_root" in overrides and not _same_file(overrides["data_root"], cfg.data_root)))
     if overrides.get("dataset", cfg.dataset) != cfg.dataset:  # another dataset: none of the stored one's files
         cfg = dataclasses.replace(cfg, data_root=None, classes=None, download=False, test_root=None, counts_file=None)
+    if other:
+        if args.split not in (None, "all"):
+            raise DataError(f"--split {args.split} applies to the model's own data; data other than the model's "
+                            f"(--dataset/--data-root) is scored whole")
+        if "test_root" in overrides or "test_fraction" in overrides:
+            raise DataError("--test-root and --test-fraction apply to the model's own data; data other than the "
+                            "model's (--dataset/--data-root) is scored whole")
+        # Nothing of the training run's bag count or split carries over: bags from all of it.
+        cfg = dataclasses.replace(cfg, num_bags=None, test_root=None, test_fraction=None)
     cfg = dataclasses.replace(cfg, **overrides)
     # Stored (not given) values as the data now named use them: a config may hold the old
     # defaults 2:12 and 0.2, which given bags or a separate test set would reject.
     settled = settled_data_options(cfg)
     cfg = dataclasses.replace(cfg, **{k: getattr(settled, k) for k in ("bag_size", "test_fraction")
                                       if k not in overrides})
+    if other:
+        cfg = dataclasses.replace(cfg, test_fraction=0.0)
     dataset = load_data(cfg)
-    if args.split == "all":
-        import torch
+    split = "all" if other else (args.split or "test")
+    bags = _all_bags(dataset) if split == "all" else getattr(dataset, split)
+    return model, dataset, bags, other
 
-        tr, te = dataset.train, dataset.test
-        sizes = torch.cat([tr.offsets[1:] - tr.offsets[:-1], te.offsets[1:] - te.offsets[:-1]])
-        from .bags import offsets_from_sizes
 
-        bags = Bags(torch.cat([tr.index, te.index]), offsets_from_sizes(sizes), torch.cat([tr.counts, te.counts]),
-                    list(tr.bag_ids) + list(te.bag_ids))
-    else:
-        bags = getattr(dataset, args.split)
-    return model, dataset, bags
+def _all_bags(dataset):
+    """The training bags followed by the test bags, as one Bags."""
+    import torch
+
+    from ..bags import offsets_from_sizes
+    from .data import Bags
+
+    tr, te = dataset.train, dataset.test
+    return Bags(torch.cat([tr.index, te.index]), offsets_from_sizes(torch.cat([tr.offsets.diff(), te.offsets.diff()])),
+                torch.cat([tr.counts, te.counts]), list(tr.bag_ids) + list(te.bag_ids))
+
+
+def _score(model, dataset, bags, batch_size, whole):
+    """(metrics, probability per scored instance, expected count per bag, scored instances).
+    ``whole``: every instance of the data is scored (instance metrics over all of
+    them, bag metrics over the bags); else the instances of ``bags``."""
+    import torch
+
+    from .batches import infer_logits
+    from .train import instance_metrics, metrics_from_logits
+
+    preprocess = _preprocess(model, dataset)
+    index = torch.arange(dataset.data.x.shape[0]) if whole else bags.index
+    logits = infer_logits(model, preprocess, index, batch_size)
+    if not whole:
+        metrics, prob, expected = metrics_from_logits(logits, dataset.data, bags)
+        return metrics, prob, expected, index
+    metrics, _, expected = metrics_from_logits(logits[bags.index], dataset.data, bags)
+    prob = torch.sigmoid(logits)
+    metrics.update(instance_metrics(prob, dataset.data.y), n_instances=int(index.numel()),
+                   n_bag_instances=int(bags.index.numel()))
+    return metrics, prob, expected, index
 
 
 def _preprocess(model, dataset):
@@ -172,43 +226,45 @@ def _preprocess(model, dataset):
 
 
 def _evaluate(args):
-    from .train import bag_metrics
-
-    model, dataset, bags = _model_and_bags(args)
-    metrics, _, _ = bag_metrics(model, _preprocess(model, dataset), dataset.data, bags, args.batch_size)
-    metrics["split"] = args.split
+    model, dataset, bags, whole = _model_and_bags(args)
+    metrics, _, _, _ = _score(model, dataset, bags, args.batch_size, whole)
+    metrics["split"] = "all" if whole else (args.split or "test")
+    metrics["data"] = "other" if whole else "the model's"
     # Strict JSON: a metric that is undefined here (no labels, one class only) is null, not NaN.
     metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
     print(json.dumps(metrics, indent=2, allow_nan=False))
 
 
 def _predict(args):
-    from .bags import bag_index
+    import torch
+
+    from ..bags import bag_index
     from .data import DataError
-    from .train import bag_metrics
 
     bag_path = args.out[:-4] + "_bags.csv" if args.out.endswith(".csv") else args.out + "_bags.csv"
     for path in (args.out, bag_path):  # before the inference pass, not after it
         if os.path.isdir(path):
             raise DataError(f"--out {args.out}: {path} is a folder; name the instance CSV to write")
-    model, dataset, bags = _model_and_bags(args)
-    _, prob, expected = bag_metrics(model, _preprocess(model, dataset), dataset.data, bags, args.batch_size)
-    sizes = bags.offsets[1:] - bags.offsets[:-1]
-    bag = bag_index(bags.offsets)
+    model, dataset, bags, whole = _model_and_bags(args)
+    _, prob, expected, index = _score(model, dataset, bags, args.batch_size, whole)
+    sizes = bags.offsets.diff()
+    # The bag of each scored instance ("" for one in no bag, possible when the data are scored whole).
+    bag_of = torch.full((dataset.data.x.shape[0],), -1, dtype=torch.int64)
+    bag_of[bags.index] = bag_index(bags.offsets, bags.index.numel())
     y = dataset.data.y
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["instance", "bag", "probability"] + (["label"] if y is not None else []))
-        for pos in range(bags.index.numel()):
-            i = int(bags.index[pos])
-            w.writerow([i, bags.bag_ids[int(bag[pos])], f"{float(prob[pos]):.6f}"]
+        for pos, i in enumerate(index.tolist()):
+            b = int(bag_of[i])
+            w.writerow([i, bags.bag_ids[b] if b >= 0 else "", f"{float(prob[pos]):.6f}"]
                        + ([int(y[i])] if y is not None else []))
     with open(bag_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["bag", "size", "count", "expected_count"])
         for b in range(sizes.numel()):
             w.writerow([bags.bag_ids[b], int(sizes[b]), int(bags.counts[b]), f"{float(expected[b]):.4f}"])
-    print(f"wrote {args.out} ({bags.index.numel()} instances) and {bag_path} ({sizes.numel()} bags)",
+    print(f"wrote {args.out} ({index.numel()} instances) and {bag_path} ({sizes.numel()} bags)",
           file=sys.stderr)
 
 

@@ -3,7 +3,7 @@
     mlellp reproduce --data-root ../shared/data/cifar10_bird_cat_train.npz --profile cpu
 
 Three experiments, each writing ``<name>.csv`` (every run's numbers),
-``<name>.png`` and ``<name>.md`` to --out (default docs/results/):
+``<name>.png`` and ``<name>.md`` to --out (default docs/experiments/reproduction/):
   curves  test accuracy against epoch for supervised, DLLP, LLP-GAN and
           MLE-LLP; mean and standard deviation over repetitions, each a fresh
           random 80/20 split of the bags (seed = repetition); sizes 2..12.
@@ -268,7 +268,7 @@ def add_arguments(p):
     p.add_argument("--profile", choices=tuple(PROFILES), default="cpu")
     p.add_argument("--data-root", required=True, help="CIFAR-10 bird/cat .npz, or a torchvision CIFAR-10 folder")
     p.add_argument("--classes", default=None, help="two classes A,B where the data have more (a CIFAR-10 folder needs them, e.g. bird,cat)")
-    p.add_argument("--out", default=os.path.join("docs", "results"), help="CSV, PNG and Markdown go here")
+    p.add_argument("--out", default=os.path.join("docs", "experiments", "reproduction"), help="CSV, PNG and Markdown go here")
     p.add_argument("--work", default=os.path.join("runs", "reproduce"), help="the training runs go here")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--device", default="auto")

@@ -1,0 +1,113 @@
+"""Network inputs of instances, and each process's minibatches of instances or bags."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..bags import offsets_from_sizes
+from ..samplers import BagBatchSampler
+from .distributed import SINGLE, World, _pad_to, all_max, per_rank_batch_size
+
+
+class Preprocess:
+    """Index -> normalised float batch on the device, augmented when training.
+
+    Augmentation (flips, blur, colour jitter; torchvision.transforms.v2) applies
+    to RGB images only and is drawn per image from the global torch RNG, which
+    the checkpoints save, so a resumed run sees the same draws.
+    """
+
+    def __init__(self, x: torch.Tensor, is_rgb: bool, augment: bool, device: torch.device):
+        self.x = x
+        self.device = device
+        self.augment = None
+        if augment and is_rgb:
+            from torchvision.transforms import v2
+
+            self.augment = v2.Compose([
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.2),
+                v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2, 0.02)], p=0.5),
+            ])
+
+    def __call__(self, index: torch.Tensor, train: bool) -> torch.Tensor:
+        x = self.x[index]
+        if train and self.augment is not None:
+            x = torch.stack([self.augment(img) for img in x])
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return ((x - 0.5) / 0.5).to(self.device, non_blocking=True)
+
+
+class TrainingInputs:
+    """Network inputs of training positions: ``inputs(positions, train)`` is the
+    preprocessed batch of the instances ``index[positions]`` (a method sees
+    positions in its own bag layout, never the dataset's labels)."""
+
+    def __init__(self, preprocess: Preprocess, index: torch.Tensor):
+        self.preprocess, self.index = preprocess, index
+
+    def __call__(self, positions: torch.Tensor, train: bool) -> torch.Tensor:
+        return self.preprocess(self.index[positions], train=train)
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+
+@dataclass
+class BagBatch:
+    positions: torch.Tensor  # positions into the flat bag layout
+    offsets: torch.Tensor    # local offsets of the bags in this batch
+    counts: torch.Tensor
+    bags: torch.Tensor       # bag numbers
+
+
+class Batches:
+    """Shuffled minibatches of this process's training positions: of instances, or
+    of whole bags (mlellp_ext.BagBatchSampler). Under torchrun each rank takes
+    ``per_rank_batch_size`` instances per batch and every rank the same number of
+    batches per epoch (a short rank repeats batches of a fresh shuffle), so that no
+    collective waits for a rank that has finished."""
+
+    def __init__(self, offsets: torch.Tensor, counts: torch.Tensor, batch_size: int, generator: torch.Generator,
+                 world: World = SINGLE):
+        self.offsets, self.counts, self.world, self.generator = offsets, counts, world, generator
+        self.batch_size = per_rank_batch_size(batch_size, world)
+        self.num_instances = int(offsets[-1])
+        self.sampler = BagBatchSampler(offsets, self.batch_size, generator=generator)
+
+    def _same_number(self, make) -> list:
+        out = list(make())
+        if not self.world.distributed:
+            return out
+        return _pad_to(out, all_max(self.world, len(out)), make)
+
+    def instances(self) -> list[torch.Tensor]:
+        """Minibatches of positions 0..num_instances-1."""
+        return self._same_number(lambda: torch.randperm(self.num_instances, generator=self.generator)
+                                 .split(self.batch_size))
+
+    def _bag_epoch(self) -> list[BagBatch]:
+        plan = self.sampler.bag_batches()
+        out = []
+        for bags, positions in zip(plan, self.sampler):
+            bags = torch.tensor(bags, dtype=torch.int64)
+            out.append(BagBatch(torch.tensor(positions, dtype=torch.int64),
+                                offsets_from_sizes(self.offsets[bags + 1] - self.offsets[bags]),
+                                self.counts[bags], bags))
+        return out
+
+    def bags(self) -> list[BagBatch]:
+        """Minibatches of whole bags of about batch_size instances (empty bags left out)."""
+        return self._same_number(self._bag_epoch)
+
+
+@torch.no_grad()
+def infer_logits(model, inputs, keys: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits of ``inputs(keys, train=False)`` (a Preprocess and instance indices, or
+    TrainingInputs and positions), network in eval mode, no augmentation (CPU tensor)."""
+    was_training = model.training
+    model.eval()
+    out = [model(inputs(chunk, train=False)).float().cpu() for chunk in keys.split(batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)

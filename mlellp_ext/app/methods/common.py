@@ -1,0 +1,86 @@
+"""What every training method shares: the method interface, the gradient step, and
+one epoch of fitting instance targets.
+
+A method is an object with
+
+* ``epoch(*, model, optimizer, batches, inputs, world, progress) -> dict``: one
+  epoch of training; returns ``train_loss`` and ``L`` (the mean training-bag
+  log-likelihood, logged by every method) and the seconds it spent
+  (``m_step_seconds``, ``inference_seconds``, ``e_step_seconds``; None where a
+  step does not exist). Arguments: the network and its optimiser; this process's
+  minibatches (``batches.instances()``, ``batches.bags()``,
+  :class:`~mlellp_ext.app.batches.Batches`); ``inputs(positions, train)``, the
+  network inputs of training positions; the process group (``world``,
+  :class:`~mlellp_ext.app.distributed.World`); ``progress(iterable, desc)``.
+* ``converged`` (only EM has a stopping rule), ``own_optimizers`` (optimisers
+  besides the trainer's, which the learning-rate schedule sets too), and
+  ``state_dict()`` / ``load_state_dict()`` (tensors only).
+
+Its constructor names what it needs (see ``methods.build_method``); only methods
+registered with ``needs_labels=True`` get instance labels.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ...ops import posterior
+from ..distributed import bag_mean, instance_mean, sync_gradients
+
+
+def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, world, *modules) -> None:
+    """zero_grad, backward, the gradients of ``modules`` averaged over the ranks
+    (under torchrun; nothing for one process), optimiser step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    sync_gradients(world, *modules)
+    optimizer.step()
+
+
+def fit_targets(model, optimizer, targets, batches, inputs, world, progress, desc="M-step"):
+    """One epoch of binary cross-entropy against ``targets(positions)`` over shuffled
+    instance minibatches. Returns (mean loss over all ranks, the logits recorded for
+    every training position of this rank)."""
+    model.train()
+    recorded = torch.empty(batches.num_instances)
+    total, seen = 0.0, 0
+    for pos in progress(batches.instances(), desc):
+        logits = model(inputs(pos, train=True)).float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets(pos).to(logits.device))
+        gradient_step(loss, optimizer, world, model)
+        recorded[pos] = logits.detach().cpu()
+        total += loss.item() * pos.numel()
+        seen += pos.numel()
+    return instance_mean(world, total, seen), recorded
+
+
+def mean_log_likelihood(logits, offsets, counts, world) -> float:
+    """L, the mean over all ranks' bags of log P(S_b = y_b) under these logits."""
+    _, log_lik = posterior(logits.detach().float(), offsets, counts)
+    mean = float(log_lik.mean()) if log_lik.numel() else 0.0
+    return bag_mean(world, mean, counts.numel())
+
+
+class Method:
+    """Defaults of the method interface (see the module's docstring)."""
+
+    name = ""
+    converged = False
+    own_optimizers = ()
+
+    def epoch(self, *, model, optimizer, batches, inputs, world, progress) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def epoch_stats(loss, L, t0, *, inference_seconds=None, e_step_seconds=None) -> dict:
+    """The dict an epoch returns, its M-step time measured from ``t0``."""
+    return {"train_loss": loss, "L": L, "m_step_seconds": time.perf_counter() - t0,
+            "inference_seconds": inference_seconds, "e_step_seconds": e_step_seconds}

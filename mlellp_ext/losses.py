@@ -1,0 +1,67 @@
+"""Losses on bags: DLLP's bag-proportion cross-entropy (the direct likelihood,
+:func:`mlellp_ext.bag_log_likelihood`, lives with the ops)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .bags import bag_index, check_bag_values, split_nested
+from .ops import _check_layout_fake
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _bag_logsumexp(values: torch.Tensor, bag: torch.Tensor, num_bags: int) -> torch.Tensor:
+    """log sum_{i in b} exp(values[i]) per bag (-inf for an empty bag), differentiable."""
+    top = torch.full((num_bags,), -math.inf, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, bag, values.detach(), "amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    sums = torch.zeros_like(top).index_add(0, bag, torch.exp(values - top[bag]))
+    return sums.log() + top
+
+
+def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> torch.Tensor:
+    """DLLP's loss (Ardehaly & Culotta 2017): per bag, the binary cross-entropy between
+    the observed proportion ``p_b = y_b / n_b`` and the bag's mean instance probability
+    ``q_b = mean_{i in b} sigmoid(logits[i])`` (a mean of probabilities, not of logits):
+
+        loss_b = -(p_b log q_b + (1 - p_b) log(1 - q_b))
+
+    computed in log space (``log q_b = logsumexp_i log sigmoid(z_i) - log n_b``), so it
+    is exact for any finite logits, with no clamping. An empty bag's loss is 0.
+
+    Args:
+        logits, offsets, counts: as in :func:`mlellp_ext.posterior` (a jagged nested
+            tensor of logits too); bad ones raise the same ``ValueError``.
+        reduction: ``'mean'`` over bags (default), ``'sum'`` or ``'none'`` (shape (B,)).
+
+    Example:
+        >>> z = torch.randn(5, requires_grad=True)
+        >>> dllp_loss(z, offsets_from_sizes([3, 2]), torch.tensor([1, 2])).backward()
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"dllp_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    logits, offsets, counts, _ = split_nested(logits, offsets, counts, "dllp_loss")
+    for name, t in (("logits", logits), ("offsets", offsets), ("counts", counts)):
+        if t is None:
+            raise ValueError(f"dllp_loss: {name} is required, got None")
+    _check_layout_fake("dllp_loss", logits, offsets, counts)
+    check_bag_values("dllp_loss", logits.shape[0], offsets, counts)
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    num_bags = offsets.shape[0] - 1
+    sizes = offsets.diff().to(z.dtype)
+    bag = bag_index(offsets, z.shape[0])
+    log_n = sizes.log()
+    log_q = _bag_logsumexp(F.logsigmoid(z), bag, num_bags) - log_n
+    log_1mq = _bag_logsumexp(F.logsigmoid(-z), bag, num_bags) - log_n
+    p = counts.to(z.dtype) / sizes.clamp(min=1)
+    # 0 * log 0 = 0: a term whose proportion is 0 drops out (also for q = 0 or 1 exactly).
+    loss = -(torch.where(p > 0, p * log_q, 0.0) + torch.where(p < 1, (1 - p) * log_1mq, 0.0))
+    loss = torch.where(sizes > 0, loss, torch.zeros_like(loss))
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
