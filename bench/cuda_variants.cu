@@ -2,7 +2,7 @@
 // bench/cuda_variants.py (JIT-built there; part of `make gpu-check`). Each variant
 // runs the same per-bag function of bag_recursion.h as the shipped kernel, so its
 // outputs must equal the op's bit for bit; only where the workspace lives and how
-// many registers a thread may use change. See docs/gpu_notes.md for the predictions.
+// many registers a thread may use change. See docs/gpu.md for the predictions.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>

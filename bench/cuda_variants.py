@@ -11,7 +11,7 @@ JIT-builds bench/cuda_variants.cu (the same bag_recursion.h as the op) and, on
   * copy:       a device-to-device copy of the op's bytes (the floor)
 Each variant's phi and log-likelihood must equal the op's bit for bit (same
 arithmetic); a mismatch fails the run. The predictions these test are in
-docs/gpu_notes.md. Writes JSON and prints a table.
+docs/gpu.md. Writes JSON and prints a table.
 """
 import argparse
 import json

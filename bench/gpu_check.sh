@@ -8,7 +8,7 @@
 #      bench/sanitizer_cases.py (memcheck and initcheck without torch's caching
 #      allocator, so that every allocation has its exact bounds);
 #   4. the GPU benchmark (bench/gpu_bench.py), then candidate small-bag kernels
-#      against the shipped one (bench/cuda_variants.py; docs/gpu_notes.md);
+#      against the shipped one (bench/cuda_variants.py; docs/gpu.md);
 #   5. the rest of the test suite (training and the CLI then run on the GPU).
 # Results: gpu_check_<device>.log, gpu_<device>.{json,md} and
 # cuda_variants_<device>.json under bench/results
