@@ -44,8 +44,8 @@ class EMTargets:
         iterations: number of updates so far.
         converged: whether the stopping rule holds.
 
-    Bad offsets or counts raise the ops' ``ValueError`` (naming the argument) here,
-    and logits of the wrong shape raise it at :meth:`update`.
+    Bad offsets or counts raise the op's ``ValueError`` (naming the argument) here;
+    logits of the wrong shape or dtype raise a ``ValueError`` at :meth:`update`.
 
     Example (one EM iteration per epoch)::
 
@@ -90,9 +90,8 @@ class EMTargets:
         positions = torch.as_tensor(positions)
         if positions.is_floating_point() or positions.dtype == torch.bool:
             raise ValueError(f"EMTargets.targets: positions must be integers, got dtype {positions.dtype}")
-        if positions.numel() and (int(positions.min()) < -self.num_instances or
-                                  int(positions.max()) >= self.num_instances):
-            bad = positions[(positions < -self.num_instances) | (positions >= self.num_instances)][0]
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.num_instances):
+            bad = positions[(positions < 0) | (positions >= self.num_instances)][0]
             raise IndexError(f"EMTargets.targets: position {int(bad)} is out of range for "
                              f"{self.num_instances} instances")
         return self.phi[positions.to(self.phi.device)]
@@ -129,7 +128,8 @@ class EMTargets:
         if group is not None:
             import torch.distributed as dist
 
-            device = logits.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+            nccl = dist.get_backend(group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
             both = torch.stack([total.to(device), torch.tensor(num_bags, dtype=torch.float64, device=device)])
             dist.all_reduce(both, group=group)
             total, num_bags = both[0], float(both[1])
@@ -148,12 +148,16 @@ class EMTargets:
                 "iterations": torch.tensor(self.iterations), "converged": torch.tensor(self.converged)}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("phi", "iterations", "converged") if k not in state]
+        if missing or not ("log_likelihood" in state or "last_L" in state):  # last_L: the name before 0.2
+            raise ValueError(f"EMTargets.load_state_dict: not an EMTargets state (missing "
+                             f"{', '.join(missing) or 'log_likelihood'}; has {', '.join(state) or 'nothing'})")
         phi = state["phi"]
         if not isinstance(phi, torch.Tensor) or phi.shape != (self.num_instances,):
             got = list(phi.shape) if isinstance(phi, torch.Tensor) else type(phi).__name__
             raise ValueError(f"EMTargets.load_state_dict: phi must have shape [{self.num_instances}] "
                              f"(one target per instance), got {got}")
-        L = float(state["log_likelihood"] if "log_likelihood" in state else state["last_L"])  # last_L: before 0.2
+        L = float(state["log_likelihood"] if "log_likelihood" in state else state["last_L"])
         self.phi = phi.to(self.phi.device, torch.float32)
         self.log_likelihood = None if math.isnan(L) else L
         self.iterations = int(state["iterations"])

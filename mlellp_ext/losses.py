@@ -35,7 +35,8 @@ def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> tor
     Args:
         logits, offsets, counts: as in :func:`mlellp_ext.posterior` (a jagged nested
             tensor of logits too); bad ones raise the same ``ValueError``.
-        reduction: ``'mean'`` over bags (default), ``'sum'`` or ``'none'`` (shape (B,)).
+        reduction: ``'mean'`` over all B bags (default; empty bags count 0, as in
+            ``bag_log_likelihood``), ``'sum'`` or ``'none'`` (shape (B,)).
 
     Example:
         >>> z = torch.randn(5, requires_grad=True)

@@ -23,8 +23,9 @@ class BagBatchSampler(torch.utils.data.Sampler):
         shuffle: a new order of bags every epoch (default), else bag order.
         generator: ``torch.Generator`` for the shuffles (default: torch's global RNG).
 
-    ``len()`` is the number of batches of the coming epoch: it draws that epoch's
-    order, which the next ``iter()`` then uses.
+    ``len()`` is the number of batches of the coming epoch: called before an
+    epoch (as ``DataLoader`` and tqdm do), it draws that epoch's order, which the
+    next ``iter()`` then uses; called during an epoch, it is the next one's.
 
     Use :meth:`bag_layout` to get a batch's local ``offsets`` and ``counts`` for bag
     losses (:func:`mlellp_ext.dllp_loss`, :func:`mlellp_ext.bag_log_likelihood`).
@@ -46,8 +47,8 @@ class BagBatchSampler(torch.utils.data.Sampler):
         self._bag_of = bag_index(offsets, int(offsets[-1]))
         self._planned = None
 
-    def _plan(self) -> list[list[int]]:
-        """The bag numbers of each batch of one epoch."""
+    def plan_epoch(self) -> list[list[int]]:
+        """A fresh epoch's batches as lists of bag numbers (draws a new order when shuffling)."""
         num_bags = self.sizes.numel()
         order = torch.randperm(num_bags, generator=self.generator) if self.shuffle else torch.arange(num_bags)
         batches, batch, total = [], [], 0
@@ -63,24 +64,24 @@ class BagBatchSampler(torch.utils.data.Sampler):
             batches.append(batch)
         return batches
 
-    def bag_batches(self) -> list[list[int]]:
-        """The coming epoch's batches as bag numbers (what ``iter()`` will yield, by bag)."""
-        if self._planned is None:
-            self._planned = self._plan()
-        return self._planned
+    def positions(self, bags) -> torch.Tensor:
+        """The positions of these bags, bag after bag, each bag's in order (int64)."""
+        bags = torch.as_tensor(bags, dtype=torch.int64)
+        n = self.sizes[bags]
+        first = torch.repeat_interleave(self.offsets[:-1][bags] - offsets_from_sizes(n)[:-1], n)
+        return first + torch.arange(int(n.sum()))
 
     def __len__(self) -> int:
-        return len(self.bag_batches())
+        if self._planned is None:
+            self._planned = self.plan_epoch()
+        return len(self._planned)
 
     def __iter__(self):
-        batches, self._planned = self.bag_batches(), None
-        starts, sizes = self.offsets[:-1], self.sizes
+        if self._planned is None:
+            self._planned = self.plan_epoch()
+        batches, self._planned = self._planned, None
         for bags in batches:
-            bags = torch.tensor(bags, dtype=torch.int64)
-            n = sizes[bags]
-            # positions offsets[b] + 0..n_b-1 of each bag, bag after bag
-            first = torch.repeat_interleave(starts[bags] - offsets_from_sizes(n)[:-1], n)
-            yield (first + torch.arange(int(n.sum()))).tolist()
+            yield self.positions(bags).tolist()
 
     def bag_layout(self, positions, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local ``(offsets, counts)`` of the bags in a batch, from its positions.
@@ -110,7 +111,7 @@ class BagBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"bag_layout: positions must lie in [0, {n}), got values in "
                              f"[{int(positions.min())}, {int(positions.max())}]")
         bags, run = torch.unique_consecutive(self._bag_of[positions], return_counts=True)
-        if not torch.equal(run, self.sizes[bags]) or torch.unique(bags).numel() != bags.numel():
+        if not torch.equal(run, self.sizes[bags]) or not torch.equal(positions, self.positions(bags)):
             raise ValueError("bag_layout: positions must hold whole bags, bag after bag, as the sampler "
                              "yields them")
         return offsets_from_sizes(run).to(device), counts[bags.to(counts.device)].to(device)

@@ -101,6 +101,8 @@ def test_state_round_trip(gen, tmp_path):
     fresh.load_state_dict({"phi": em.phi, "last_L": torch.tensor(-1.5), "converged": torch.tensor(False),
                            "iterations": torch.tensor(4)})
     assert fresh.log_likelihood == -1.5 and fresh.iterations == 4
+    with pytest.raises(ValueError, match="not an EMTargets state .missing log_likelihood"):
+        fresh.load_state_dict({"phi": em.phi, "iterations": torch.tensor(1), "converged": torch.tensor(False)})
     with pytest.raises(ValueError, match=r"phi must have shape \[\d+\]"):
         fresh.load_state_dict({**state, "phi": torch.zeros(int(offsets[-1]) + 1)})
 
@@ -130,6 +132,8 @@ def test_errors_name_the_argument():
         em.update(torch.zeros(5, dtype=torch.long))
     with pytest.raises(IndexError, match="position 5 is out of range for 5 instances"):
         em.targets(torch.tensor([0, 5]))
+    with pytest.raises(IndexError, match="position -1 is out of range for 5 instances"):
+        em.targets(torch.tensor([-1]))
     with pytest.raises(ValueError, match="positions must be integers"):
         em.targets(torch.tensor([0.0]))
     assert em.iterations == 0  # nothing was half-done

@@ -63,6 +63,7 @@ def test_rotnet_then_init_and_restart(tmp_path, tiny_images):
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "b" / "model.pt").exists()
+    _load("fit").main([str(tmp_path / "a"), str(tmp_path / "b")])  # runs of variant methods read back
 
 
 def test_package_does_not_import_experiments():

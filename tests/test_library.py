@@ -160,6 +160,8 @@ def test_sampler_errors():
         sampler.bag_layout(torch.tensor([0, 1]), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="positions must hold whole bags"):
         sampler.bag_layout(torch.tensor([0, 3, 1, 2, 4]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="positions must hold whole bags"):
+        sampler.bag_layout(torch.tensor([0, 0, 0]), torch.tensor([1, 1]))  # as many positions as bag 0 has
     with pytest.raises(ValueError, match=r"positions must lie in \[0, 5\)"):
         sampler.bag_layout(torch.tensor([3, 4, 5]), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match=r"counts must have shape \[2\]"):

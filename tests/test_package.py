@@ -145,3 +145,18 @@ def test_only_methods_that_say_so_get_labels():
     assert [n for n in builtin if METHODS[n].needs_labels] == ["supervised"]
     with pytest.raises(ValueError, match="a method named 'mle' is registered already"):
         register_method("mle", Peek, "x")
+
+
+def test_gradient_step_needs_the_networks():
+    import torch
+
+    from mlellp_ext.app.distributed import SINGLE
+    from mlellp_ext.app.methods import gradient_step
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="gradient_step: name the networks"):
+        gradient_step(net(torch.ones(1, 2)).sum(), opt, SINGLE)
+    before = net.weight.detach().clone()
+    gradient_step(net(torch.ones(1, 2)).sum(), opt, SINGLE, net)
+    assert not torch.equal(before, net.weight)

@@ -286,3 +286,20 @@ def test_cli_evaluate_and_predict_score_another_file_whole(tmp_path, capsys):
                            (["--test-fraction", "0.5"], "--test-root and --test-fraction apply to the model's own")):
         assert cli.main(["evaluate", "--model", model, *test_file, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_cli_evaluate_another_manifest_needs_its_own_counts(tmp_path, capsys):
+    # The training run's counts file belongs to its own instances: another manifest
+    # without --counts-file is refused rather than scored with those counts.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    data = unlabelled_manifest(tmp_path / "a", bags=6)
+    other = unlabelled_manifest(tmp_path / "b", bags=4)
+    out = tmp_path / "run"
+    assert cli.main(["train", *data, "--epochs", "1", "--width", "0.25", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(out / "model.pt"), "--data-root", other[3]]) == 2
+    assert "counts" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", str(out / "model.pt"), *other[2:]]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n_bags"] == 4 and metrics["n_instances"] == 12 and metrics["data"] == "other"

@@ -61,6 +61,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mlellp_ext import EMTargets
 from mlellp_ext.app.batches import Preprocess
 from mlellp_ext.app.methods import EM, Method, construct, gradient_step, register_method
 from mlellp_ext.app.methods.baselines import Supervised
@@ -109,7 +110,7 @@ class CoTraining(PlainEM):
         self.other = build_backbone("cnn", image_shape[0], 1, width).to(device)
         self.other_optimizer = torch.optim.Adam(self.other.parameters(), lr=lr)
         self.own_optimizers = (self.other_optimizer,)
-        self.other_em = construct(PlainEM, dict(offsets=offsets, counts=counts, batch_size=batch_size)).em
+        self.other_em = EMTargets(offsets, counts, tol=0.0)
 
     def epoch(self, *, model, optimizer, batches, inputs, world, progress):
         t0 = time.perf_counter()

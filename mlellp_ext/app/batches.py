@@ -88,12 +88,10 @@ class Batches:
                                  .split(self.batch_size))
 
     def _bag_epoch(self) -> list[BagBatch]:
-        plan = self.sampler.bag_batches()
         out = []
-        for bags, positions in zip(plan, self.sampler):
+        for bags in self.sampler.plan_epoch():
             bags = torch.tensor(bags, dtype=torch.int64)
-            out.append(BagBatch(torch.tensor(positions, dtype=torch.int64),
-                                offsets_from_sizes(self.offsets[bags + 1] - self.offsets[bags]),
+            out.append(BagBatch(self.sampler.positions(bags), offsets_from_sizes(self.sampler.sizes[bags]),
                                 self.counts[bags], bags))
         return out
 

@@ -5,7 +5,7 @@
     mlellp predict --model runs/digits-mle/model.pt --out predictions.csv
 
 Also ``python -m mlellp_ext ...``. On several GPUs or machines, the same train
-command under torchrun (data-parallel, see mlellp_ext/distributed.py):
+command under torchrun (data-parallel, see mlellp_ext/app/distributed.py):
 
     torchrun --nproc-per-node 4 -m mlellp_ext train --dataset digits --out runs/digits-mle
 """
@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-from .data import DATASETS
+from .data import DATASETS, DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION
 from .methods import ESTEP_MODES, METHODS
 from .models import BACKBONES
 from .train import LR_SCHEDULES, TrainConfig
@@ -51,13 +51,13 @@ def _add_data_options(p, defaults: bool):
                         "'official' (the CIFAR-10 test set); then every bag of --data-root trains")
     g.add_argument("--counts-file", default=None, help="manifest: CSV of bag counts (bag,count)")
     g.add_argument("--bag-size", default=None,
-                   help="digits, npz, cifar10: random bag sizes LO:HI, uniform" + dflt("2:12") +
+                   help="digits, npz, cifar10: random bag sizes LO:HI, uniform" + dflt(":".join(map(str, DEFAULT_BAG_SIZE))) +
                         "; family-faces and manifest bags are given")
     g.add_argument("--num-bags", type=int, default=None,
                    help="number of bags" + dflt("as many as fit") + "; with --test-root, of training bags; "
                         "family-faces, manifest: the first N given bags")
     g.add_argument("--test-fraction", type=float, default=None,
-                   help="fraction of bags for testing" + dflt("0.2") + "; not with --test-root")
+                   help="fraction of bags for testing" + dflt(DEFAULT_TEST_FRACTION) + "; not with --test-root")
     g.add_argument("--seed", type=int, default=d(DEFAULTS["seed"]),
                    help="seed of bags, split, initialisation and shuffling" + dflt(DEFAULTS["seed"]) if defaults
                    else "seed of bags and split")
@@ -162,6 +162,8 @@ def _model_and_bags(args):
     if overrides.get("dataset", cfg.dataset) != cfg.dataset:  # another dataset: none of the stored one's files
         cfg = dataclasses.replace(cfg, data_root=None, classes=None, download=False, test_root=None, counts_file=None)
     if other:
+        if "counts_file" not in overrides:  # the training run's counts belong to its own instances
+            cfg = dataclasses.replace(cfg, counts_file=None)
         if args.split not in (None, "all"):
             raise DataError(f"--split {args.split} applies to the model's own data; data other than the model's "
                             f"(--dataset/--data-root) is scored whole")
@@ -210,6 +212,7 @@ def _score(model, dataset, bags, batch_size, whole):
     logits = infer_logits(model, preprocess, index, batch_size)
     if not whole:
         metrics, prob, expected = metrics_from_logits(logits, dataset.data, bags)
+        metrics["n_bag_instances"] = metrics["n_instances"]
         return metrics, prob, expected, index
     metrics, _, expected = metrics_from_logits(logits[bags.index], dataset.data, bags)
     prob = torch.sigmoid(logits)

@@ -1,6 +1,6 @@
 """`make run`: MLE-LLP and the supervised baseline on scikit-learn's bundled digits.
 
-    python -m mlellp_ext.demo [--out runs/demo] [--epochs 40]
+    python -m mlellp_ext.app.demo [--out runs/demo] [--epochs 40]
 
 Binary task digit >= 5; bags of uniform sizes 2..12; 80/20 split of the bags.
 MLE-LLP sees only each bag's count of positives, the supervised baseline sees

@@ -174,6 +174,8 @@ class Trainer:
             raise DataError("no training bags: check --num-bags, --bag-size and --test-fraction")
         if self.world.distributed:
             self._shard()
+        if cfg.method not in METHODS:  # e.g. a config of an experiment's method that is not registered here
+            raise DataError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
         spec = METHODS[cfg.method]
         in_channels = self.data.x.shape[1]
         self.model = build_backbone(cfg.backbone, in_channels, spec.num_outputs, cfg.width,

@@ -31,8 +31,12 @@ from ..distributed import bag_mean, instance_mean, sync_gradients
 
 
 def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, world, *modules) -> None:
-    """zero_grad, backward, the gradients of ``modules`` averaged over the ranks
-    (under torchrun; nothing for one process), optimiser step."""
+    """zero_grad, backward, the gradients of ``modules`` (the networks ``optimizer``
+    trains; at least one) averaged over the ranks (under torchrun; nothing for one
+    process), optimiser step."""
+    if not modules:
+        raise ValueError("gradient_step: name the networks the optimiser trains (their gradients are "
+                         "averaged over the processes under torchrun)")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sync_gradients(world, *modules)

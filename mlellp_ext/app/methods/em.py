@@ -32,7 +32,7 @@ class EM(Method):
 
     name = "mle"
 
-    def __init__(self, offsets, counts, batch_size: int, estep: str = "fresh", tol: float = DEFAULT_TOL,
+    def __init__(self, offsets, counts, batch_size: int, estep: str, tol: float = DEFAULT_TOL,
                  min_epochs: int = DEFAULT_MIN_ITERATIONS):
         if estep not in ESTEP_MODES:
             raise ValueError(f"--estep must be one of {ESTEP_MODES}, got {estep!r}")

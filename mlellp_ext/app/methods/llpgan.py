@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...bags import bag_index
+from ...losses import dllp_loss
 from ..distributed import instance_mean
 from .common import Method, epoch_stats, gradient_step, mean_log_likelihood
 
@@ -88,14 +88,9 @@ class LLPGAN(Method):
 
             # Discriminator: bag proportions + real/fake.
             logits = disc.class_logits(real)
-            offsets = batch.offsets.to(device)
-            sizes = offsets[1:] - offsets[:-1]
-            bag = bag_index(offsets, logits.shape[0])
-            mean_p = torch.zeros(sizes.numel(), 2, device=device).index_add(0, bag, logits.softmax(1))
-            mean_p = mean_p / sizes[:, None].float()
-            prop = batch.counts.to(device).float() / sizes.float()
-            target = torch.stack([1 - prop, prop], dim=1)
-            loss_prop = -(target * mean_p.clamp_min(1e-7).log()).sum(1).mean()
+            # The bag-proportion loss on the two real classes: softmax over (l_1, l_2) is
+            # sigmoid(l_2 - l_1), so it is DLLP's loss of l_2 - l_1.
+            loss_prop = dllp_loss(logits[:, 1] - logits[:, 0], batch.offsets.to(device), batch.counts.to(device))
             log_real, _ = real_fake_terms(logits)
             _, log_fake = real_fake_terms(disc.class_logits(self.generator(noise).detach()))
             loss_d = loss_prop - log_real.mean() - log_fake.mean()
