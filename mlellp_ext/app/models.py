@@ -43,6 +43,16 @@ class LLPGANCNN(nn.Module):
         )
         self.head = nn.Linear(c(64), num_outputs)
         self.num_outputs = num_outputs
+        # He initialisation for LeakyReLU(0.2), zero biases. With PyTorch's default
+        # init each layer shrinks its input's variation (gain about 1/sqrt(3)), so after
+        # nine layers and the average pool the features of different images differ by
+        # ~1e-5 relative to their size: the network starts with one output for every
+        # image. A loss on bag means (DLLP, LLP-GAN) then sees no image-dependent
+        # gradient and stayed at chance on CIFAR (docs/experiments/reproduction.md).
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
