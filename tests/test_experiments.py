@@ -66,6 +66,19 @@ def test_rotnet_then_init_and_restart(tmp_path, tiny_images):
     _load("fit").main([str(tmp_path / "a"), str(tmp_path / "b")])  # runs of variant methods read back
 
 
+def test_tuning_on_training_images_only(tmp_path, tiny_images):
+    spec = importlib.util.spec_from_file_location("experiment_tune", os.path.join(ROOT, "experiments", "reproduction",
+                                                                                  "tune.py"))
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    tune.main(["--method", "dllp", "--data-root", tiny_images, "--num-bags", "12", "--epochs", "1", "--width", "0.25",
+               "--out", str(tmp_path)])
+    rows = list(__import__("csv").DictReader(open(tmp_path / "tuning.csv")))
+    assert len(rows) == 4
+    train_only = np.load(tmp_path / "train_only.npz")
+    assert 0 < len(train_only["y"]) < 120  # the split's training images, not all of them
+
+
 def test_package_does_not_import_experiments():
     import ast
 
