@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from .ops import posterior
+from .bags import check_bag_values
+from .ops import _check_layout_fake, posterior
 
 DEFAULT_TOL = 1e-4
 # The stopping rule applies only after this many E-steps: at the start a network that
@@ -44,7 +45,7 @@ class EMTargets:
         iterations: number of updates so far.
         converged: whether the stopping rule holds.
 
-    Bad offsets or counts raise the op's ``ValueError`` (naming the argument) here;
+    Bad offsets or counts raise the op's ``ValueError`` messages (naming the argument) here;
     logits of the wrong shape or dtype raise a ``ValueError`` at :meth:`update`.
 
     Example (one EM iteration per epoch)::
@@ -68,9 +69,10 @@ class EMTargets:
         for name, t in (("offsets", offsets), ("counts", counts)):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"EMTargets: {name} must be an int64 tensor, got {type(t).__name__}")
-        n = int(offsets[-1]) if offsets.dim() == 1 and offsets.numel() and offsets.dtype == torch.int64 else 0
-        # The op's own checks (offsets, counts and how they fit), with its messages.
-        posterior(torch.zeros(max(n, 0), device=offsets.device), offsets, counts)
+        # The op's checks of the layout and its values, with its messages (the logits come later).
+        _check_layout_fake("EMTargets", torch.empty(0, device=offsets.device), offsets, counts)
+        n = int(offsets[-1])
+        check_bag_values("EMTargets", n, offsets, counts)
         self.offsets, self.counts = offsets, counts
         self.num_instances, self.num_bags = n, counts.numel()
         self.tol, self.min_iterations = float(tol), min_iterations
