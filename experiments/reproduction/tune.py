@@ -6,7 +6,8 @@ trains on 80% of new random bags of that file and is scored on the other 20%, so
 no test instance of the split is seen. The score of a grid point is the mean
 validation accuracy of its last three epochs. Run from the project root:
 
-    python experiments/reproduction/tune.py --method dllp --out runs/tune-dllp [--epochs 12]
+    python experiments/reproduction/tune.py --method dllp --out runs/tune-dllp [--epochs 12 --width 0.5]
+    python experiments/reproduction/tune.py --method llpgan --out runs/tune-llpgan --width 0.25
 
 writes OUT/tuning.csv (one row per grid point) and prints it; the runs stay under OUT.
 """
@@ -19,7 +20,10 @@ import numpy as np
 
 from mlellp_ext.app.train import TrainConfig, load_data, train
 
-GRID = {"lr": (3e-4, 1e-3), "batch_size": (64, 256)}
+# Each method's grid: the options it is most sensitive to. LLP-GAN's is the weight of
+# its real/fake terms (the proportion loss is DLLP's, whose lr and batch size are tuned).
+GRIDS = {"dllp": {"lr": (3e-4, 1e-3), "batch_size": (64, 256)},
+         "llpgan": {"gan_weight": (1.0, 0.3, 0.1)}}
 
 
 def training_images(data_root, num_bags, out):
@@ -34,7 +38,7 @@ def training_images(data_root, num_bags, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True, choices=tuple(GRIDS))
     p.add_argument("--data-root", default="../shared/data/cifar10_bird_cat_train.npz")
     p.add_argument("--num-bags", type=int, default=1000, help="bags of the split whose training images are used")
     p.add_argument("--epochs", type=int, default=12)
@@ -44,8 +48,9 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     data = training_images(a.data_root, a.num_bags, a.out)
     rows = []
-    for values in itertools.product(*GRID.values()):
-        point = dict(zip(GRID, values))
+    grid = GRIDS[a.method]
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
         name = "-".join(f"{k}{v}" for k, v in point.items())
         history = train(TrainConfig(out=os.path.join(a.out, name), dataset="npz", data_root=data, method=a.method,
                                     width=a.width, epochs=a.epochs, tol=0.0, seed=1, quiet=True, **point))

@@ -86,6 +86,9 @@ def build_parser():
                    help="E-step logits: fresh inference pass (exact EM) or recorded during the M-step")
     t.add_argument("--tol", type=float, default=DEFAULTS["tol"],
                    help="EM stops when |change of mean bag log-likelihood| < tol")
+    t.add_argument("--gan-weight", type=float, default=DEFAULTS["gan_weight"],
+                   help=f"--method llpgan: weight of the real/fake terms beside the bag-proportion loss "
+                        f"(default {DEFAULTS['gan_weight']})")
     t.add_argument("--min-epochs", type=int, default=DEFAULTS["min_epochs"],
                    help=f"EM's stopping rule applies only after this many epochs (default {DEFAULTS['min_epochs']})")
     t.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/blur/colour jitter")

@@ -10,8 +10,12 @@ Three experiments, each writing ``<name>.csv`` (every run's numbers),
   bags    final test accuracy against the number of training bags m, with a
           test set of 250 bags.
   timing  mean epoch duration per method (MLE-LLP split into E-step,
-          inference pass and M-step), and epochs to reach 99% of the method's
-          own final accuracy; from the curves runs.
+          inference pass and M-step) from runs of its own, one method at a
+          time (so run it with nothing else on the machine); and epochs to
+          reach 99% of the method's final accuracy on the mean curve.
+With all three done, ``claims.md``/``claims.csv`` set each claim of the seed
+paper beside the measurement and a verdict by rules fixed in this module
+(:func:`claims`).
 A profile only sets numbers (repetitions, epochs, width, bag counts); both run
 the same code. Every training run keeps its files under --work; a finished
 run (model.pt present) is read back instead of being trained again, and an
@@ -34,7 +38,7 @@ from .train import TrainConfig, train
 
 METHODS = ("supervised", "dllp", "llpgan", "mle")
 LABELS = {"supervised": "supervised", "dllp": "DLLP", "llpgan": "LLP-GAN", "mle": "MLE-LLP"}
-EXPERIMENTS = ("curves", "bags", "timing")
+EXPERIMENTS = ("curves", "bags", "timing", "claims")
 
 
 @dataclass
@@ -49,12 +53,16 @@ class Profile:
     test_bags: int = 250
     batch_size: int = 64
     lr: float = 1e-3
+    timing_epochs: int = 3          # epochs of each method's timing run (the first is not counted)
 
 
 PROFILES = {
-    # Sized so that the three experiments finish in under an hour on a 2-core CPU.
-    "cpu": Profile(repetitions=2, epochs=12, width=0.25, curves_bags=600, bag_counts=(200, 400, 600, 800, 1000),
-                   bags_repetitions=1, bags_epochs=5),
+    # Sized for a 2-core CPU: about two hours of one core each for curves and bags
+    # (run them at the same time, then timing alone). 15 epochs let every method's
+    # mean curve flatten (claim c); five repetitions give the standard deviations of
+    # claim g some meaning; the bags experiment spans m = 200..1000 (claim f).
+    "cpu": Profile(repetitions=5, epochs=15, width=0.25, curves_bags=600, bag_counts=(200, 400, 600, 800, 1000),
+                   bags_repetitions=1, bags_epochs=10),
     # The seed paper's protocol (for a GPU): 10 repetitions, full-width backbone, all 10,000 images.
     "paper": Profile(repetitions=10, epochs=100, width=1.0, curves_bags=None,
                      bag_counts=(200, 400, 600, 800, 1000), bags_repetitions=10, bags_epochs=100),
@@ -155,13 +163,9 @@ def run_curves(args, profile):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lines = ["| method | final test accuracy (mean ± sd) | repetitions | epochs |", "|---|---:|---:|---:|"]
     for method in args.methods:
-        mine = [r for r in rows if r["method"] == method]
-        epochs = sorted({r["epoch"] for r in mine})
-        stats = [_mean_std([r["test_accuracy"] for r in mine if r["epoch"] == e]) for e in epochs]
-        mean = [m for m, _ in stats]
-        sd = [s for _, s in stats]
+        epochs, mean, sd = mean_curve(rows, method)
         ax.plot(epochs, mean, label=LABELS[method])
-        ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+        ax.fill_between(epochs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.2)
         lines.append(f"| {LABELS[method]} | {mean[-1]:.4f} ± {sd[-1]:.4f} | {profile.repetitions} | {epochs[-1]} |")
     _finish_plot(plt, fig, ax, os.path.join(args.out, "curves.png"), "epoch", "test instance accuracy",
                  "CIFAR-10 bird vs cat, bags of 2..12")
@@ -207,32 +211,51 @@ def epochs_to_fraction(accuracies, fraction=0.99):
     return next(i + 1 for i, a in enumerate(accuracies) if a >= target)
 
 
+def mean_curve(rows, method):
+    """(epochs, mean accuracy, sd) of a method's test accuracy over repetitions, per epoch."""
+    mine = [r for r in rows if r["method"] == method]
+    epochs = sorted({int(r["epoch"]) for r in mine})
+    stats = [_mean_std([r["test_accuracy"] for r in mine if int(r["epoch"]) == e]) for e in epochs]
+    return epochs, [m for m, _ in stats], [s for _, s in stats]
+
+
+def _curves_rows(args, profile, curves_rows):
+    if curves_rows is not None:
+        return curves_rows
+    path = os.path.join(args.out, "curves.csv")
+    return _read_metrics(path) if os.path.exists(path) else run_curves(args, profile)
+
+
 def run_timing(args, profile, curves_rows=None):
-    if curves_rows is None:
-        path = os.path.join(args.out, "curves.csv")
-        curves_rows = _read_metrics(path) if os.path.exists(path) else run_curves(args, profile)
+    """Epoch durations from one run per method of its own, trained one at a time (the
+    curves' runs are not used: there, other jobs may share the machine); the first
+    epoch (warm-up) is not counted. Epochs to 99% come from the curves."""
+    curves_rows = _curves_rows(args, profile, curves_rows)
     rows = []
+    bar = _progress(len(args.methods), "timing")
     for method in args.methods:
-        mine = [r for r in curves_rows if r["method"] == method]
-        mean = lambda key: _mean_std([r[key] for r in mine])[0] if any(r[key] is not None for r in mine) else None  # noqa: E731
-        reps = sorted({int(r["repetition"]) for r in mine})
-        to99 = [epochs_to_fraction([r["test_accuracy"] for r in sorted(mine, key=lambda r: r["epoch"])
-                                    if int(r["repetition"]) == rep]) for rep in reps]
-        rows.append({"method": method, "epoch_seconds": mean("epoch_seconds"),
-                     "e_step_seconds": mean("e_step_seconds") if method == "mle" else None,
-                     "inference_seconds": mean("inference_seconds") if method == "mle" else None,
-                     "m_step_seconds": mean("m_step_seconds") if method == "mle" else None,
-                     "epochs_to_99pct": statistics.fmean(to99)})
+        history = _run(args, profile, f"timing/{method}", method, seed=0, num_bags=profile.curves_bags,
+                       epochs=profile.timing_epochs)
+        bar.update(1)
+        counted = history[1:] or history
+        mean = lambda key: (statistics.fmean(r[key] for r in counted)  # noqa: E731
+                            if method == "mle" or key == "epoch_seconds" else None)
+        rows.append({"method": method, "epochs_timed": len(counted), "epoch_seconds": mean("epoch_seconds"),
+                     "e_step_seconds": mean("e_step_seconds"), "inference_seconds": mean("inference_seconds"),
+                     "m_step_seconds": mean("m_step_seconds"),
+                     "epochs_to_99pct": epochs_to_fraction(mean_curve(curves_rows, method)[1])})
+    bar.close()
     _write_csv(os.path.join(args.out, "timing.csv"), [{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
 
     fmt = lambda v, d=3: "" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = ["| method | epoch (s) | E-step (s) | inference pass (s) | M-step (s) | E-step share | epochs to 99% of final |",
+    lines = ["| method | epoch (s) | E-step (s) | inference pass (s) | M-step (s) | E-step share | "
+             "epochs to 99% of final (mean curve) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         share = "" if r["e_step_seconds"] is None else f"{100 * r['e_step_seconds'] / r['epoch_seconds']:.3f}%"
         lines.append(f"| {LABELS[r['method']]} | {fmt(r['epoch_seconds'], 2)} | {fmt(r['e_step_seconds'], 4)} | "
                      f"{fmt(r['inference_seconds'], 2)} | {fmt(r['m_step_seconds'], 2)} | {share} | "
-                     f"{r['epochs_to_99pct']:.1f} |")
+                     f"{r['epochs_to_99pct']} |")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     names = [LABELS[r["method"]] for r in rows]
@@ -244,7 +267,7 @@ def run_timing(args, profile, curves_rows=None):
         ax.bar(names, vals, bottom=bottoms, label=label)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
     ax.set_ylabel("seconds per epoch")
-    ax.set_title("Mean epoch duration")
+    ax.set_title("Mean epoch duration, each method alone")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "timing.png"), dpi=110)
@@ -253,11 +276,104 @@ def run_timing(args, profile, curves_rows=None):
     return rows
 
 
-def _write_md(args, name, lines, profile):
+# ------------------------------------------------------------------- claims
+def _clear(a, b):
+    """Two standard errors of the difference of two means of independent samples
+    (mean, sd, n): a difference beyond it is taken as real, not noise."""
+    return 2 * math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
+
+
+def claims(curves_rows, bags_rows, timing_rows, methods):
+    """Each claim of the seed paper (a..g), our measurement and a verdict, by rules fixed
+    before the runs: final accuracies are the last epoch's mean ± sd over repetitions,
+    and a difference counts only beyond two standard errors (:func:`_clear`)."""
+    final = {}
+    for m in methods:
+        last = max(int(r["epoch"]) for r in curves_rows if r["method"] == m)
+        values = [r["test_accuracy"] for r in curves_rows if r["method"] == m and int(r["epoch"]) == last]
+        final[m] = (*_mean_std(values), len(values))
+    timing = {r["method"]: r for r in timing_rows}
+    acc = lambda m: f"{LABELS[m]} {final[m][0]:.3f} ± {final[m][1]:.3f}"  # noqa: E731
+    out = []
+
+    def claim(key, text, measured, verdict):
+        out.append({"claim": key, "seed paper": text, "measured": measured, "verdict": verdict})
+
+    llp = [m for m in ("dllp", "llpgan", "mle") if m in methods]
+    if "supervised" in methods and llp:
+        below = [final["supervised"][0] - final[m][0] > _clear(final["supervised"], final[m]) for m in llp]
+        above = [final[m][0] - final["supervised"][0] > _clear(final["supervised"], final[m]) for m in llp]
+        claim("a", "every LLP method below supervised", "; ".join(acc(m) for m in ["supervised"] + llp),
+              "holds" if all(below) else "does not hold" if any(above) else "cannot tell at this budget")
+    if {"mle", "dllp"} <= set(methods):
+        d = final["mle"][0] - final["dllp"][0]
+        # "Comparable": within 2 points (the paper's tables differ by about that).
+        verdict = ("holds" if abs(d) <= 0.02 else "does not hold" if abs(d) > _clear(final["mle"], final["dllp"])
+                   else "cannot tell at this budget")
+        claim("b", "MLE-LLP and DLLP comparable in final accuracy (within 2 points)",
+              f"{acc('mle')}; {acc('dllp')}; difference {d:+.3f}", verdict)
+        e_mle, e_dllp = timing["mle"]["epochs_to_99pct"], timing["dllp"]["epochs_to_99pct"]
+        ratio = e_mle / e_dllp
+        claim("c", "MLE-LLP reaches its final accuracy in about half DLLP's epochs",
+              f"epochs to 99% of final mean accuracy (mean curve): MLE-LLP {e_mle}, DLLP {e_dllp} (ratio {ratio:.2f})",
+              "holds" if ratio <= 0.6 else "does not hold" if ratio >= 1 else "partly: fewer, not half")
+    if "llpgan" in methods and len(methods) > 1:
+        others = [m for m in methods if m != "llpgan"]
+        lowest = min(others, key=lambda m: final[m][0])
+        d = final[lowest][0] - final["llpgan"][0]
+        clear = _clear(final[lowest], final["llpgan"])
+        claim("d", "LLP-GAN the least accurate on CIFAR", "; ".join(acc(m) for m in methods),
+              "holds" if d > clear else "does not hold" if -d > clear else "cannot tell at this budget")
+    if {"llpgan", "mle"} <= set(methods):
+        ratio = timing["llpgan"]["epoch_seconds"] / timing["mle"]["epoch_seconds"]
+        claim("e", "an LLP-GAN epoch several (≥ 2) times an MLE-LLP epoch",
+              f"{timing['llpgan']['epoch_seconds']:.2f} s against {timing['mle']['epoch_seconds']:.2f} s "
+              f"(ratio {ratio:.1f})", "holds" if ratio >= 2 else "does not hold")
+    if "supervised" in methods and llp and bags_rows:
+        ms = sorted({int(r["train_bags"]) for r in bags_rows})
+        acc_at = lambda m, k: statistics.fmean(r["test_accuracy"] for r in bags_rows  # noqa: E731
+                                               if r["method"] == m and int(r["train_bags"]) == k)
+        gaps = {m: [acc_at("supervised", k) - acc_at(m, k) for k in ms] for m in llp}
+        # One repetition per m: a change of the gap counts only beyond 2 points.
+        shrink = [g[0] - g[-1] > 0.02 for g in gaps.values()]
+        grow = [g[-1] - g[0] > 0.02 for g in gaps.values()]
+        claim("f", f"the gap to supervised shrinks as the training bags m grow ({ms[0]}..{ms[-1]})",
+              "; ".join(f"{LABELS[m]} " + " → ".join(f"{x:.3f}" for x in g) for m, g in gaps.items()),
+              "holds" if all(shrink) else "does not hold" if any(grow) else "cannot tell at this budget")
+    if {"mle", "dllp"} <= set(methods):
+        from scipy.stats import f as f_dist
+
+        (_, s_mle, n_mle), (_, s_dllp, n_dllp) = final["mle"], final["dllp"]
+        # One-sided F test of the variances at 5%: with 3 repetitions a ratio of sds must
+        # pass sqrt(19) = 4.4 to count.
+        critical = math.sqrt(f_dist.ppf(0.95, n_dllp - 1, n_mle - 1)) if min(n_mle, n_dllp) > 1 else math.inf
+        verdict = ("holds" if s_dllp > critical * s_mle else "does not hold" if s_mle > critical * s_dllp
+                   else "cannot tell at this budget")
+        claim("g", "MLE-LLP's variance over repetitions smaller than DLLP's",
+              f"sd of final accuracy: MLE-LLP {s_mle:.3f}, DLLP {s_dllp:.3f} ({n_mle} repetitions; "
+              f"a ratio must pass {critical:.1f})", verdict)
+    return out
+
+
+def run_claims(args, profile, curves_rows=None, bags_rows=None, timing_rows=None):
+    read = lambda name, rows: rows if rows is not None else _read_metrics(os.path.join(args.out, f"{name}.csv"))  # noqa: E731
+    for name in ("curves", "bags", "timing"):
+        if not os.path.exists(os.path.join(args.out, f"{name}.csv")):
+            raise DataError(f"--experiment claims needs {name}.csv in {args.out}: run --experiment {name} first")
+    rows = claims(read("curves", curves_rows), read("bags", bags_rows), read("timing", timing_rows), args.methods)
+    _write_csv(os.path.join(args.out, "claims.csv"), rows)
+    lines = ["| | the seed paper | measured here | verdict |", "|---|---|---|---|"]
+    lines += [f"| ({r['claim']}) | {r['seed paper']} | {r['measured']} | {r['verdict']} |" for r in rows]
+    _write_md(args, "claims", lines, profile, plot=False)
+    return rows
+
+
+def _write_md(args, name, lines, profile, plot=True):
     command = " ".join(["mlellp reproduce", "--experiment", name, "--profile", args.profile,
                         "--data-root", os.path.basename(args.data_root)])
-    text = [f"# {name}", "", f"Made by `{command}` (profile: {dataclasses.asdict(profile)}).", "",
-            f"![{name}]({name}.png)", ""] + lines
+    text = [f"# {name}", "", f"Made by `{command}` (profile: {dataclasses.asdict(profile)}).", ""]
+    text += [f"![{name}]({name}.png)", ""] if plot else []
+    text += lines
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(text) + "\n")
 
@@ -294,11 +410,13 @@ def run(args):
     if not os.path.exists(args.data_root):  # else a missing .npz would be taken for a CIFAR-10 folder
         raise DataError(f"--data-root {args.data_root}: no such file or folder")
     os.makedirs(args.out, exist_ok=True)
-    curves_rows = None
+    curves_rows = bags_rows = timing_rows = None
     if args.experiment in ("curves", "all"):
         curves_rows = run_curves(args, profile)
     if args.experiment in ("bags", "all"):
-        run_bags(args, profile)
+        bags_rows = run_bags(args, profile)
     if args.experiment in ("timing", "all"):
-        run_timing(args, profile, curves_rows)
+        timing_rows = run_timing(args, profile, curves_rows)
+    if args.experiment in ("claims", "all"):
+        run_claims(args, profile, curves_rows, bags_rows, timing_rows)
     print(f"results in {args.out}", file=sys.stderr)

@@ -32,6 +32,7 @@ from .data import (DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION, GIVEN_BAGS, BagDatas
                    subset_bags)
 from .distributed import resolve_device
 from .methods import METHODS, build_method
+from .methods.llpgan import GAN_WEIGHT
 from .models import build_backbone
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "L", "e_step_seconds", "inference_seconds", "m_step_seconds",
@@ -74,6 +75,7 @@ class TrainConfig:
     estep: str = "fresh"
     tol: float = DEFAULT_TOL
     min_epochs: int = DEFAULT_MIN_ITERATIONS
+    gan_weight: float = GAN_WEIGHT  # LLP-GAN's weight of its real/fake terms
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -92,6 +94,8 @@ def check_options(cfg: TrainConfig) -> None:
             bad(option, value, "at least 1")
     if cfg.min_epochs < 0:
         bad("--min-epochs", cfg.min_epochs, "non-negative")
+    if not cfg.gan_weight >= 0 or math.isinf(cfg.gan_weight):
+        bad("--gan-weight", cfg.gan_weight, "a finite number >= 0")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise DataError(f"--out {cfg.out} exists and is not a folder")
     # Combinations the backbone or method would refuse only after the data have loaded.
@@ -190,7 +194,8 @@ class Trainer:
         self.inputs = TrainingInputs(self.preprocess, bags.index)
         offered = dict(offsets=bags.offsets, counts=bags.counts, model=self.model, device=self.device,
                        image_shape=tuple(self.data.x.shape[1:]), batch_size=cfg.batch_size, lr=cfg.lr,
-                       width=cfg.width, seed=cfg.seed, estep=cfg.estep, tol=cfg.tol, min_epochs=cfg.min_epochs)
+                       width=cfg.width, seed=cfg.seed, estep=cfg.estep, tol=cfg.tol, min_epochs=cfg.min_epochs,
+                       gan_weight=cfg.gan_weight)
         if spec.needs_labels:
             if self.data.y is None:
                 raise DataError(f"--method {cfg.method} needs instance labels, and this dataset has none")
