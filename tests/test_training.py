@@ -199,6 +199,8 @@ def test_cli_out_must_be_a_folder(tmp_path, capsys):
     ("--weight-decay", "-1", "--weight-decay must be a non-negative number, got -1.0"),
     ("--tol", "inf", "--tol must be a non-negative number, got inf"),
     ("--min-epochs", "-1", "--min-epochs must be non-negative, got -1"),
+    ("--gan-weight", "-0.5", "--gan-weight must be a non-negative number, got -0.5"),
+    ("--gan-weight", "nan", "--gan-weight must be a non-negative number, got nan"),
 ])
 def test_cli_rejects_out_of_range_options(tmp_path, capsys, option, value, message):
     out = tmp_path / "run"

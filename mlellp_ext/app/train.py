@@ -94,8 +94,6 @@ def check_options(cfg: TrainConfig) -> None:
             bad(option, value, "at least 1")
     if cfg.min_epochs < 0:
         bad("--min-epochs", cfg.min_epochs, "non-negative")
-    if not cfg.gan_weight >= 0 or math.isinf(cfg.gan_weight):
-        bad("--gan-weight", cfg.gan_weight, "a finite number >= 0")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise DataError(f"--out {cfg.out} exists and is not a folder")
     # Combinations the backbone or method would refuse only after the data have loaded.
@@ -111,7 +109,7 @@ def check_options(cfg: TrainConfig) -> None:
     for option, value in (("--lr", cfg.lr), ("--width", cfg.width)):
         if not (math.isfinite(value) and value > 0):
             bad(option, value, "a positive number")
-    for option, value in (("--weight-decay", cfg.weight_decay), ("--tol", cfg.tol)):
+    for option, value in (("--weight-decay", cfg.weight_decay), ("--tol", cfg.tol), ("--gan-weight", cfg.gan_weight)):
         if not (math.isfinite(value) and value >= 0):
             bad(option, value, "a non-negative number")
 

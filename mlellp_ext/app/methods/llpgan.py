@@ -32,7 +32,7 @@ from .common import Method, epoch_stats, gradient_step, mean_log_likelihood
 NOISE_DIM = 100
 # The default weight of the real/fake terms. See docs/experiments/reproduction.md:
 # chosen on a validation split of CIFAR training images only.
-GAN_WEIGHT = 1.0
+GAN_WEIGHT = 0.3
 
 
 class Generator(nn.Module):
