@@ -19,7 +19,7 @@ from . import _C  # noqa: F401  (registers torch.ops.mlellp.*)
 from .bags import offsets_from_sizes, sizes_from_offsets
 from .em import EMTargets
 from .losses import dllp_loss
-from .ops import bag_log_likelihood, log_pmf, posterior
+from .ops import bag_log_likelihood, log_pmf, posterior, posterior_multiclass
 from .samplers import BagBatchSampler
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "log_pmf",
     "offsets_from_sizes",
     "posterior",
+    "posterior_multiclass",
     "sizes_from_offsets",
 ]
 __version__ = "0.2.0"

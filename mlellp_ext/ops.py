@@ -15,6 +15,9 @@ import torch.autograd.forward_ad as _forward_ad
 from .bags import bag_index, split_nested
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# posterior_multiclass's default state budget per bag (the schema's default): 2^24
+# count vectors, two tables of 16 bytes per state, 256 MiB.
+DEFAULT_MAX_STATES = 1 << 24
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,6 +105,37 @@ def _phi_jvp_fake(tangent, logits, offsets, counts):
     _check_dtype(op, "tangent", tangent, _FLOATING, _FLOATING_TEXT)
     _check_device(op, "tangent", tangent, logits)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _check_multiclass_layout_fake(op, logits, offsets, counts, max_states):
+    """check_multiclass_layout of csrc/ops/checks.cpp, in the same order and words."""
+    _check(op, logits.dim() == 2,
+           lambda: f"logits must be 2-D (num_instances, num_classes), got shape {list(logits.shape)}")
+    _check(op, logits.shape[1] >= 2,
+           lambda: f"logits must have at least 2 classes (columns), got shape {list(logits.shape)}")
+    _check_dtype(op, "logits", logits, _FLOATING, _FLOATING_TEXT)
+    _check(op, offsets.dim() == 1, lambda: f"offsets must be 1-D of length num_bags + 1, got shape {list(offsets.shape)}")
+    _check_dtype(op, "offsets", offsets, (torch.int64,), "int64")
+    _check(op, offsets.shape[0] >= 1,
+           lambda: "offsets must have at least one element (offsets[0] = 0), got an empty tensor")
+    _check_device(op, "offsets", offsets, logits)
+    _check(op, counts.dim() == 2, lambda: f"counts must be 2-D (num_bags, num_classes), got shape {list(counts.shape)}")
+    _check_dtype(op, "counts", counts, (torch.int64,), "int64")
+    _check(op, counts.shape[0] == offsets.shape[0] - 1,
+           lambda: f"counts must have num_bags = len(offsets) - 1 = {offsets.shape[0] - 1} rows, "
+                   f"got shape {list(counts.shape)}")
+    _check(op, counts.shape[1] == logits.shape[1],
+           lambda: f"counts must have one column per class of logits ({logits.shape[1]}), got shape {list(counts.shape)}")
+    _check_device(op, "counts", counts, logits)
+    _check(op, max_states >= 1, lambda: f"max_states must be at least 1, got {max_states}")
+
+
+@torch.library.register_fake("mlellp::posterior_multiclass")
+def _posterior_multiclass_fake(logits, offsets, counts, max_states=DEFAULT_MAX_STATES):
+    _check_multiclass_layout_fake("posterior_multiclass", logits, offsets, counts, max_states)
+    phi = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    log_lik = logits.new_empty((offsets.shape[0] - 1,), dtype=_compute_dtype(logits.dtype))
+    return phi, log_lik
 
 
 @torch.library.register_fake("mlellp::log_pmf")
@@ -382,6 +416,55 @@ class _LogPmfFn(torch.autograd.Function):
     vmap = staticmethod(lambda info, in_dims, *args: _log_pmf_vmap(_LogPmfFn.apply, info, in_dims, *args))
 
 
+class _PosteriorMulticlassFn(torch.autograd.Function):
+    """Reverse mode w.r.t. the logits through log_likelihood only:
+    d log P(y_b) / dz_ic = phi_ic - softmax(z_i)_c. phi is returned as a
+    non-differentiable output (like sort's indices: it does not require grad), since
+    its derivative (a conditional covariance over pairs of instances) has no kernel;
+    second derivatives and forward mode raise rather than return wrong numbers."""
+
+    @staticmethod
+    def forward(logits, offsets, counts, max_states=DEFAULT_MAX_STATES):
+        # The dispatcher leaves a defaulted max_states out of the Autograd kernel's arguments.
+        return _below_autograd("posterior_multiclass", logits, offsets, counts, max_states)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, offsets = inputs[0], inputs[1]
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(output[0])
+        ctx.num_inputs = len(inputs)
+        ctx.save_for_backward(output[0], logits, offsets)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _grad_phi, grad_log_lik):
+        rest = (None,) * (ctx.num_inputs - 1)
+        if grad_log_lik is None:
+            return (None,) + rest
+        phi, logits, offsets = ctx.saved_tensors
+        return (_multiclass_log_lik_grad(grad_log_lik, phi, logits, offsets),) + rest
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError("mlellp::posterior_multiclass has no forward-mode derivative")
+
+
+def _softmax_exact(logits):
+    """softmax over the last dimension, with the op's reading of infinities: a row
+    with +inf entries puts its mass on them evenly (softmax itself gives NaN there)."""
+    posinf = torch.isposinf(logits)
+    certain = posinf.any(-1, keepdim=True)
+    even = posinf.to(logits.dtype) / posinf.sum(-1, keepdim=True).clamp(min=1).to(logits.dtype)
+    return torch.where(certain, even, torch.softmax(logits.masked_fill(posinf, 0), -1))
+
+
+def _multiclass_log_lik_grad(grad_log_lik, phi, logits, offsets):
+    dtype = _compute_dtype(logits.dtype)
+    g = grad_log_lik.to(dtype)[bag_index(offsets, logits.shape[0])].unsqueeze(1)
+    return (g * (phi.to(dtype) - _softmax_exact(logits.to(dtype)))).to(logits.dtype)
+
+
 _LOG_PMF_NOT_DIFFERENTIABLE = (
     "mlellp::log_pmf is not differentiable; for a differentiable log-likelihood of observed "
     "counts use mlellp_ext.bag_log_likelihood (or torch.ops.mlellp.posterior)"
@@ -425,7 +508,7 @@ def _ctx_in_forward(fn):
 
 _lib = torch.library.Library("mlellp", "IMPL")
 for _name, _fn in (("posterior", _PosteriorFn), ("posterior_backward", _PosteriorBackwardFn), ("phi_jvp", _PhiJvpFn),
-                   ("log_pmf", _LogPmfFn)):
+                   ("log_pmf", _LogPmfFn), ("posterior_multiclass", _PosteriorMulticlassFn)):
     _lib.impl(_name, _autograd_kernel(_name, _ctx_in_forward(_fn)), "Autograd")
 # For torch.vmap over torch.ops.mlellp.* called directly (without these, vmap loops over the batch).
 for _name, _rule in (("posterior", _posterior_vmap), ("posterior_backward", _posterior_backward_vmap),
@@ -443,8 +526,11 @@ def _apply(fn, op, *args):
     return op(*args)
 
 
-def posterior(logits, offsets=None, counts=None):
+def posterior(logits, offsets=None, counts=None, *, max_states: int = DEFAULT_MAX_STATES):
     """E-step: posterior marginals and log-likelihood of each bag's count.
+
+    (N, C) logits with (B, C) counts are the multi-class case: see
+    :func:`posterior_multiclass` (``max_states`` applies only there).
 
     With h_i ~ Bernoulli(sigmoid(logits[i])) independent and S_b the sum over
     bag b, returns ``(phi, log_likelihood)`` with
@@ -479,6 +565,8 @@ def posterior(logits, offsets=None, counts=None):
         >>> phi.shape, ll.shape
         (torch.Size([5]), torch.Size([2]))
     """
+    if isinstance(logits, torch.Tensor) and not logits.is_nested and logits.dim() == 2:
+        return posterior_multiclass(logits, offsets, counts, max_states=max_states)
     flat, offsets, counts, nested = split_nested(logits, offsets, counts, "posterior")
     if counts is None:
         raise ValueError("posterior: counts is required")
@@ -486,6 +574,51 @@ def posterior(logits, offsets=None, counts=None):
     if nested:
         phi = torch.nested.nested_tensor_from_jagged(phi, offsets)
     return phi, log_lik
+
+
+def posterior_multiclass(logits, offsets, counts, *, max_states: int = DEFAULT_MAX_STATES):
+    """Multi-class E-step: class posteriors and log-likelihood of each bag's count vector.
+
+    With h_i ~ Categorical(softmax(logits[i])) independent, returns
+    ``(phi, log_likelihood)`` with ``phi[i, c] = P(h_i = c | counts[b])`` and
+    ``log_likelihood[b] = log P(counts[b])`` (the probability that bag b holds
+    exactly ``counts[b, c]`` instances of each class c), computed exactly over
+    the lattice of count vectors below ``counts[b]``: O(C * S_b) time and
+    2 S_b table entries per bag, ``S_b = prod_c (counts[b, c] + 1)``.
+
+    Args:
+        logits: (N, C) float32/float64 (float16/bfloat16 computed in float32), C >= 2.
+        offsets: (B + 1,) int64, the bag layout of :func:`posterior`.
+        counts: (B, C) int64, non-negative, row b summing to bag b's size.
+        max_states: a bag with more than this many states S_b is an error
+            naming it (the default, 2^24, keeps its tables within 256 MiB);
+            such bags need :func:`posterior_multiclass_approx`.
+
+    Returns:
+        phi: (N, C) in the dtype of logits, rows summing to 1; exactly 0 in
+            classes whose count is 0. Not differentiable: returned as a
+            tensor that does not require grad (EM's fixed target).
+        log_likelihood: (B,) float32 for float16/bfloat16/float32 logits,
+            float64 for float64; differentiable w.r.t. logits,
+            ``d/dz_ic = phi_ic - softmax(z_i)_c`` (first order). A bag whose
+            counts infinite logits make impossible gets -inf and NaN phi; a NaN
+            logit makes its own bag NaN. With C = 2 it is :func:`posterior` of
+            ``logits[:, 1] - logits[:, 0]`` with counts ``counts[:, 1]``.
+
+    Example:
+        >>> logits = torch.randn(5, 3)
+        >>> phi, ll = posterior_multiclass(logits, offsets_from_sizes([3, 2]),
+        ...                                torch.tensor([[1, 1, 1], [0, 2, 0]]))
+        >>> phi.shape, ll.shape
+        (torch.Size([5, 3]), torch.Size([2]))
+    """
+    if offsets is None or counts is None:
+        raise ValueError("posterior_multiclass: offsets and counts are required")
+    for name, t in (("logits", logits), ("offsets", offsets), ("counts", counts)):
+        if getattr(t, "is_nested", False):
+            raise ValueError(f"posterior_multiclass: {name} must be a plain tensor, got a nested tensor")
+    return _apply(_PosteriorMulticlassFn, torch.ops.mlellp.posterior_multiclass, logits, offsets, counts,
+                  int(max_states))
 
 
 def log_pmf(logits, offsets=None):
@@ -525,7 +658,8 @@ def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean
     its gradient w.r.t. logits[i] is ``phi[i] - sigmoid(logits[i])``.
 
     Args:
-        logits, offsets, counts: as in :func:`posterior` (nested logits too).
+        logits, offsets, counts: as in :func:`posterior` (nested logits too;
+            (N, C) logits with (B, C) counts for multi-class bags).
         reduction: ``'none'`` (per bag, shape (B,)), ``'mean'`` over bags
             (default) or ``'sum'``.
 

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace mlellp {
 
 at::ScalarType compute_dtype(at::ScalarType dtype) {
@@ -123,6 +125,76 @@ std::vector<int64_t> check_bag_values(const char* op, const at::Tensor& offsets,
     TORCH_CHECK(false, op, ": invalid offsets or counts (device check failed, host re-check passed)");
   }
   return std::vector<int64_t>(h + 4, h + host.numel());
+}
+
+void check_multiclass_layout(const char* op, const at::Tensor& logits, const at::Tensor& offsets,
+                             const at::Tensor& counts, int64_t max_states) {
+  TORCH_CHECK_VALUE(logits.defined(), op, ": logits is required, got None");
+  TORCH_CHECK_VALUE(offsets.defined(), op, ": offsets is required, got None");
+  TORCH_CHECK_VALUE(counts.defined(), op, ": counts is required, got None");
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (num_instances, num_classes), got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 2, op, ": logits must have at least 2 classes (columns), got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(is_floating(logits.scalar_type()), op,
+                    ": logits must be float32, float64, float16 or bfloat16, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1, op, ": offsets must be 1-D of length num_bags + 1, got shape ",
+                    offsets.sizes());
+  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, op, ": offsets must be int64, got ", offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.numel() >= 1, op,
+                    ": offsets must have at least one element (offsets[0] = 0), got an empty tensor");
+  TORCH_CHECK_VALUE(offsets.device() == logits.device(), op, ": offsets is on ", offsets.device(),
+                    " but logits is on ", logits.device());
+  TORCH_CHECK_VALUE(counts.dim() == 2, op, ": counts must be 2-D (num_bags, num_classes), got shape ",
+                    counts.sizes());
+  TORCH_CHECK_VALUE(counts.scalar_type() == at::kLong, op, ": counts must be int64, got ", counts.scalar_type());
+  TORCH_CHECK_VALUE(counts.size(0) == offsets.numel() - 1, op, ": counts must have num_bags = len(offsets) - 1 = ",
+                    offsets.numel() - 1, " rows, got shape ", counts.sizes());
+  TORCH_CHECK_VALUE(counts.size(1) == logits.size(1), op, ": counts must have one column per class of logits (",
+                    logits.size(1), "), got shape ", counts.sizes());
+  TORCH_CHECK_VALUE(counts.device() == logits.device(), op, ": counts is on ", counts.device(), " but logits is on ",
+                    logits.device());
+  TORCH_CHECK_VALUE(max_states >= 1, op, ": max_states must be at least 1, got ", max_states);
+}
+
+static std::string row_text(const int64_t* row, int64_t num_classes) {
+  std::string text = "[";
+  for (int64_t c = 0; c < num_classes; ++c) text += (c ? ", " : "") + std::to_string(row[c]);
+  return text + "]";
+}
+
+void check_multiclass_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,
+                                  const int64_t* counts, int64_t num_classes, int64_t max_states) {
+  check_bag_values_host(op, offsets, num_bags, num_instances, nullptr);
+  for (int64_t b = 0; b < num_bags; ++b) {
+    const int64_t* row = counts + b * num_classes;
+    const int64_t n = offsets[b + 1] - offsets[b];
+    int64_t sum = 0;
+    // The state count saturates at max_states + 1 (the exact product may overflow int64).
+    int64_t states = 1;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      TORCH_CHECK_VALUE(row[c] >= 0, op, ": counts must be non-negative, got counts[", b, ", ", c, "] = ", row[c]);
+    }
+    for (int64_t c = 0; c < num_classes; ++c) {
+      TORCH_CHECK_VALUE(row[c] <= n, op, ": counts[", b, "] = ", row_text(row, num_classes), " has ", row[c],
+                        " in class ", c, " but bag ", b, " has ", n, " instances");
+      sum += row[c];
+      if (states <= max_states) {
+        states = states > max_states / (row[c] + 1) ? max_states + 1 : states * (row[c] + 1);
+      }
+    }
+    TORCH_CHECK_VALUE(sum == n, op, ": counts[", b, "] = ", row_text(row, num_classes), " sums to ", sum,
+                      " but bag ", b, " has ", n, " instances (offsets[", b + 1, "] - offsets[", b, "])");
+    if (states > max_states) {
+      // The exact count, in floating point, for the message.
+      double exact = 1;
+      for (int64_t c = 0; c < num_classes; ++c) exact *= static_cast<double>(row[c] + 1);
+      TORCH_CHECK_VALUE(false, op, ": bag ", b, " with counts ", row_text(row, num_classes), " has ", exact,
+                        " count-vector states (prod(counts + 1)), over max_states = ", max_states,
+                        "; raise max_states if its tables (16 bytes per state) fit in memory, or use the "
+                        "approximate E-step (mlellp_ext.posterior_multiclass_approx) for such bags");
+    }
+  }
 }
 
 }  // namespace mlellp

@@ -37,6 +37,19 @@ void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_b
 std::vector<int64_t> check_bag_values(const char* op, const at::Tensor& offsets, const at::Tensor* counts,
                                       int64_t num_instances, const at::Tensor& extras);
 
+// posterior_multiclass's inputs: logits (N, C) floating with C >= 2, offsets as
+// above, counts (B, C) int64, all on logits' device; max_states >= 1. Reads no
+// tensor data.
+void check_multiclass_layout(const char* op, const at::Tensor& logits, const at::Tensor& offsets,
+                             const at::Tensor& counts, int64_t max_states);
+
+// Values, from host pointers: offsets as check_bag_values_host; counts (B x C,
+// row-major) non-negative with row b summing to bag b's size, and every bag's
+// lattice within max_states states (the error names the bag, its counts and its
+// state count).
+void check_multiclass_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,
+                                  const int64_t* counts, int64_t num_classes, int64_t max_states);
+
 // float for float16/bfloat16, else the dtype itself (float32/float64).
 at::ScalarType compute_dtype(at::ScalarType dtype);
 
