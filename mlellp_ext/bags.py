@@ -7,6 +7,8 @@ instances. This is the layout of ``torch.nested`` jagged tensors, whose
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -106,3 +108,35 @@ def check_bag_values(op: str, num_instances: int, offsets: torch.Tensor, counts:
     if bool(bad.any()):
         b = int(torch.nonzero(bad)[0])
         raise ValueError(f"{op}: counts[{b}] = {int(counts[b])} is outside [0, n_b] = [0, {int(sizes[b])}] for bag {b}")
+
+
+def check_count_vectors(op: str, num_instances: int, offsets: torch.Tensor, counts: torch.Tensor,
+                        max_states: int | None = None) -> None:
+    """check_multiclass_values_host of csrc/ops/checks.cpp (same order and words) for
+    (B, C) count vectors: offsets as :func:`check_bag_values`, counts non-negative,
+    row b summing to bag b's size, and (if ``max_states``) every bag's lattice within
+    ``max_states`` states."""
+    check_bag_values(op, num_instances, offsets)
+    offsets, counts = offsets.cpu(), counts.cpu()
+    sizes = offsets.diff()
+    text = lambda b: "[" + ", ".join(str(int(v)) for v in counts[b]) + "]"  # noqa: E731
+    if bool((counts < 0).any()):
+        b, c = (int(v) for v in torch.nonzero(counts < 0)[0])
+        raise ValueError(f"{op}: counts must be non-negative, got counts[{b}, {c}] = {int(counts[b, c])}")
+    over = counts > sizes.unsqueeze(1)
+    if bool(over.any()):
+        b, c = (int(v) for v in torch.nonzero(over)[0])
+        raise ValueError(f"{op}: counts[{b}] = {text(b)} has {int(counts[b, c])} in class {c} but bag {b} has "
+                         f"{int(sizes[b])} instances")
+    wrong = counts.sum(1) != sizes
+    if bool(wrong.any()):
+        b = int(torch.nonzero(wrong)[0])
+        raise ValueError(f"{op}: counts[{b}] = {text(b)} sums to {int(counts[b].sum())} but bag {b} has "
+                         f"{int(sizes[b])} instances (offsets[{b + 1}] - offsets[{b}])")
+    if max_states is not None:
+        states = (counts.double() + 1).log().sum(1)
+        big = states > math.log(max_states) + 1e-9
+        if bool(big.any()):
+            b = int(torch.nonzero(big)[0])
+            raise ValueError(f"{op}: bag {b} with counts {text(b)} has {math.exp(float(states[b])):.5g} count-vector "
+                             f"states (prod(counts + 1)), over max_states = {max_states}")

@@ -10,6 +10,10 @@ expectation-maximisation over the hidden instance labels:
   ``F.binary_cross_entropy_with_logits(model(x), em.targets(positions))`` over
   minibatches of instances in any order; a bag never has to fit in a batch.
 
+Multi-class bags: give (B, C) count vectors; the targets are then (N, C) class
+posteriors ``phi_ic = P(h_i = c | counts_b)`` (:func:`posterior_multiclass`) and the
+M-step is a cross-entropy against them, ``F.cross_entropy(model(x), em.targets(positions))``.
+
 Positions index the flat bag layout: bag b holds positions
 ``offsets[b]:offsets[b + 1]`` (see :mod:`mlellp_ext.bags`).
 """
@@ -19,8 +23,8 @@ import math
 
 import torch
 
-from .bags import check_bag_values
-from .ops import _check_layout_fake, posterior
+from .bags import check_bag_values, check_count_vectors
+from .ops import DEFAULT_MAX_STATES, _check_layout_fake, _check_multiclass_layout_fake, posterior
 
 DEFAULT_TOL = 1e-4
 # The stopping rule applies only after this many E-steps: at the start a network that
@@ -34,13 +38,18 @@ class EMTargets:
 
     Args:
         offsets: (B + 1,) int64 bag offsets (``offsets[-1] = N``), any device.
-        counts: (B,) int64 observed count of positives per bag, ``0 <= y_b <= n_b``.
+        counts: (B,) int64 observed count of positives per bag, ``0 <= y_b <= n_b``;
+            or (B, C) int64 count vectors (multi-class), each row summing to its
+            bag's size.
         tol: :attr:`converged` once ``|L - L_previous| < tol`` ...
         min_iterations: ... after at least this many :meth:`update` calls.
+        max_states: multi-class only, the per-bag state budget of
+            :func:`posterior_multiclass`; a bag over it is an error here.
 
     Attributes:
-        phi: (N,) float32 targets; before any update each bag's ``y_b / n_b``.
-            Moves to the device of the logits given to :meth:`update`.
+        phi: (N,) float32 targets ((N, C) for count vectors); before any update
+            each bag's ``y_b / n_b``. Moves to the device of the logits given to
+            :meth:`update`.
         log_likelihood: the last ``L`` (float), or None before any update.
         iterations: number of updates so far.
         converged: whether the stopping rule holds.
@@ -61,7 +70,7 @@ class EMTargets:
     """
 
     def __init__(self, offsets: torch.Tensor, counts: torch.Tensor, *, tol: float = DEFAULT_TOL,
-                 min_iterations: int = DEFAULT_MIN_ITERATIONS):
+                 min_iterations: int = DEFAULT_MIN_ITERATIONS, max_states: int = DEFAULT_MAX_STATES):
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
             raise ValueError(f"EMTargets: tol must be a non-negative number, got {tol!r}")
         if not (isinstance(min_iterations, int) and min_iterations >= 0):
@@ -70,21 +79,32 @@ class EMTargets:
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"EMTargets: {name} must be an int64 tensor, got {type(t).__name__}")
         # The op's checks of the layout and its values, with its messages (the logits come later).
-        _check_layout_fake("EMTargets", torch.empty(0, device=offsets.device), offsets, counts)
-        n = int(offsets[-1])
-        check_bag_values("EMTargets", n, offsets, counts)
-        self.offsets, self.counts = offsets, counts
-        self.num_instances, self.num_bags = n, counts.numel()
+        self.num_classes = counts.shape[1] if counts.dim() == 2 else None
+        if self.num_classes is not None:
+            if not (isinstance(max_states, int) and max_states >= 1):
+                raise ValueError(f"EMTargets: max_states must be a positive integer, got {max_states!r}")
+            _check_multiclass_layout_fake("EMTargets", torch.empty(0, self.num_classes, device=offsets.device),
+                                          offsets, counts, max_states)
+            n = int(offsets[-1])
+            check_count_vectors("EMTargets", n, offsets, counts, max_states)
+        else:
+            _check_layout_fake("EMTargets", torch.empty(0, device=offsets.device), offsets, counts)
+            n = int(offsets[-1])
+            check_bag_values("EMTargets", n, offsets, counts)
+        self.offsets, self.counts, self.max_states = offsets, counts, max_states
+        self.num_instances, self.num_bags = n, counts.shape[0]
         self.tol, self.min_iterations = float(tol), min_iterations
         sizes = offsets.diff()
-        self.phi = torch.repeat_interleave(counts.float() / sizes.clamp(min=1).float(), sizes, output_size=n)
+        ratio = counts.float() / (sizes.unsqueeze(1) if self.num_classes else sizes).clamp(min=1).float()
+        self.phi = torch.repeat_interleave(ratio, sizes, dim=0, output_size=n)
         self.log_likelihood: float | None = None
         self.iterations = 0
         self.converged = False
         self._layout = {offsets.device: (offsets, counts)}  # the layout per device (copied once)
 
     def __repr__(self):
-        return (f"EMTargets(num_instances={self.num_instances}, num_bags={self.num_bags}, "
+        classes = "" if self.num_classes is None else f"num_classes={self.num_classes}, "
+        return (f"EMTargets(num_instances={self.num_instances}, num_bags={self.num_bags}, {classes}"
                 f"iterations={self.iterations}, log_likelihood={self.log_likelihood}, converged={self.converged})")
 
     def targets(self, positions) -> torch.Tensor:
@@ -119,12 +139,15 @@ class EMTargets:
         Returns:
             L, also stored in :attr:`log_likelihood`.
         """
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 1 or logits.shape[0] != self.num_instances:
+        expected = (self.num_instances,) if self.num_classes is None else (self.num_instances, self.num_classes)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
             got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"EMTargets.update: logits must be 1-D with one entry per instance "
-                             f"(N = {self.num_instances}), got {got}")
+            what = (f"1-D with one entry per instance (N = {self.num_instances})" if self.num_classes is None
+                    else f"2-D with one row per instance and one column per class "
+                         f"((N, C) = ({self.num_instances}, {self.num_classes}))")
+            raise ValueError(f"EMTargets.update: logits must be {what}, got {got}")
         offsets, counts = self._layout_on(logits.device)
-        phi, log_lik = posterior(logits.detach(), offsets, counts)
+        phi, log_lik = posterior(logits.detach(), offsets, counts, max_states=self.max_states)
         total = log_lik.double().sum()
         num_bags = float(self.num_bags)
         if group is not None:
@@ -155,10 +178,10 @@ class EMTargets:
             raise ValueError(f"EMTargets.load_state_dict: not an EMTargets state (missing "
                              f"{', '.join(missing) or 'log_likelihood'}; has {', '.join(state) or 'nothing'})")
         phi = state["phi"]
-        if not isinstance(phi, torch.Tensor) or phi.shape != (self.num_instances,):
+        if not isinstance(phi, torch.Tensor) or phi.shape != self.phi.shape:
             got = list(phi.shape) if isinstance(phi, torch.Tensor) else type(phi).__name__
-            raise ValueError(f"EMTargets.load_state_dict: phi must have shape [{self.num_instances}] "
-                             f"(one target per instance), got {got}")
+            raise ValueError(f"EMTargets.load_state_dict: phi must have shape {list(self.phi.shape)} "
+                             f"(the targets of every instance), got {got}")
         L = float(state["log_likelihood"] if "log_likelihood" in state else state["last_L"])
         self.phi = phi.to(self.phi.device, torch.float32)
         self.log_likelihood = None if math.isnan(L) else L

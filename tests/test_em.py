@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mlellp_ext
-from mlellp_ext import EMTargets
+from mlellp_ext import EMTargets, offsets_from_sizes, posterior
 from mlellp_ext.app.batches import Batches
 from mlellp_ext.app.distributed import SINGLE
 from mlellp_ext.app.methods import build_method
@@ -230,3 +230,38 @@ def test_stopping_rule_of_the_method_waits_for_min_epochs(gen):
     restored, _, _ = _em_method(x, offsets, counts, "recorded", tol=1e9, min_epochs=3)
     restored.load_state_dict(em.state_dict())
     assert restored.em.iterations == 3 and restored.converged
+
+
+def test_multiclass_targets_are_the_posterior_of_count_vectors(gen):
+    """Count vectors (B, C): (N, C) targets starting at each bag's proportions, then the
+    exact multi-class posterior; C = 2 agrees with the binary targets on z1 - z0."""
+    sizes = torch.randint(1, 8, (12,), generator=gen)
+    offsets = offsets_from_sizes(sizes)
+    labels = torch.randint(0, 4, (int(sizes.sum()),), generator=gen)
+    bag = torch.repeat_interleave(torch.arange(12), sizes)
+    counts = torch.zeros(12, 4, dtype=torch.long).index_put_((bag, labels), torch.ones_like(labels), accumulate=True)
+    em = EMTargets(offsets, counts, min_iterations=0)
+    assert em.phi.shape == (len(labels), 4) and em.num_classes == 4
+    assert torch.allclose(em.phi, (counts.float() / sizes.unsqueeze(1))[bag])
+    logits = torch.randn(len(labels), 4, generator=gen)
+    L = em.update(logits)
+    phi, ll = posterior(logits, offsets, counts)
+    assert torch.equal(em.phi, phi) and L == pytest.approx(float(ll.double().mean()))
+    assert em.targets(torch.tensor([0, 2])).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"logits must be 2-D with one row per instance and one column per class "
+                                         r"\(\(N, C\) = \(\d+, 4\)\), got shape \[\d+\]"):
+        em.update(logits[:, 0])
+    with pytest.raises(ValueError, match=r"EMTargets: counts\[0\] = \[.*\] sums to \d+ but bag 0 has"):
+        EMTargets(offsets, counts + torch.eye(4, dtype=torch.long)[0])
+    with pytest.raises(ValueError, match=r"EMTargets: bag 0 with counts \[.*\] has .* over max_states = 1"):
+        EMTargets(offsets, counts, max_states=1)
+    state = em.state_dict()
+    fresh = EMTargets(offsets, counts)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.phi, em.phi)
+    # Two classes: the binary EM on z1 - z0 and counts of class 1.
+    two = torch.stack([sizes - counts[:, 1], counts[:, 1]], 1)
+    em2, em1 = EMTargets(offsets, two), EMTargets(offsets, counts[:, 1])
+    z = torch.randn(len(labels), 2, generator=gen, dtype=torch.float64)
+    assert em2.update(z) == pytest.approx(em1.update(z[:, 1] - z[:, 0]), abs=1e-6)
+    assert torch.allclose(em2.phi[:, 1], em1.phi, atol=1e-6)
