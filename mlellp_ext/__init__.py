@@ -2,9 +2,10 @@
 
 The library (this package's top-level modules):
 
-* ops (``posterior``, ``log_pmf``, ``bag_log_likelihood``): the exact E-step as
-  custom ops ``torch.ops.mlellp.*`` on CPU and CUDA, with autograd, torch.func
-  and torch.compile support;
+* ops (``posterior``, ``posterior_multiclass``, ``log_pmf``, ``bag_log_likelihood``):
+  the exact E-step as custom ops ``torch.ops.mlellp.*`` on CPU and CUDA, with
+  autograd, torch.func and torch.compile support; ``posterior_multiclass_approx``
+  (approx) for multi-class bags too large for the exact one;
 * ``EMTargets`` (em): EM's soft targets, for your own training loop;
 * ``dllp_loss`` (losses): DLLP's bag-proportion loss;
 * ``BagBatchSampler`` (samplers): DataLoader batches of whole bags;
@@ -16,6 +17,7 @@ command) is built on it; the library never imports it.
 import torch  # noqa: F401  (the library links against libtorch)
 
 from . import _C  # noqa: F401  (registers torch.ops.mlellp.*)
+from .approx import posterior_multiclass_approx
 from .bags import offsets_from_sizes, sizes_from_offsets
 from .em import EMTargets
 from .losses import dllp_loss
@@ -31,6 +33,7 @@ __all__ = [
     "offsets_from_sizes",
     "posterior",
     "posterior_multiclass",
+    "posterior_multiclass_approx",
     "sizes_from_offsets",
 ]
 __version__ = "0.2.0"

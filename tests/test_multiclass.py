@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from mlellp_ext import bag_log_likelihood, offsets_from_sizes, posterior, posterior_multiclass
+from mlellp_ext import (bag_log_likelihood, offsets_from_sizes, posterior, posterior_multiclass,
+                        posterior_multiclass_approx)
 
 OP = torch.ops.mlellp.posterior_multiclass
 
@@ -195,3 +196,26 @@ def _escape(text):
     import re
 
     return re.escape(text)
+
+
+def test_approximate_e_step(gen):
+    """Exact for C = 2; otherwise rows sum to 1, columns to the counts, and it stays
+    close to the exact posterior (bench/multiclass.py measures how close)."""
+    logits, offsets, counts = random_multiclass(gen, 30, 2, 12, 2.0)
+    phi, ll = posterior_multiclass_approx(logits, offsets, counts)
+    ref_phi, ref_ll = posterior(logits, offsets, counts)
+    assert torch.allclose(phi, ref_phi, atol=1e-12) and torch.allclose(ll, 2 * ref_ll, atol=1e-10)
+    logits, offsets, counts = random_multiclass(gen, 30, 6, 12, 2.0)
+    phi, _ = posterior_multiclass_approx(logits, offsets, counts, tol=1e-8)
+    ref_phi, _ = posterior(logits, offsets, counts)
+    bag = torch.repeat_interleave(torch.arange(30), offsets.diff())
+    assert torch.allclose(phi.sum(1), torch.ones(len(bag), dtype=phi.dtype), atol=1e-12)
+    sums = torch.zeros(30, 6, dtype=phi.dtype).index_add_(0, bag, phi)
+    assert torch.allclose(sums, counts.double(), atol=1e-8)
+    assert (phi[counts[bag] == 0] == 0).all()
+    assert (phi - ref_phi).abs().mean() < 0.05  # measured ~0.02; the prior p alone is ~0.3 off
+    assert (torch.softmax(logits, 1) - ref_phi).abs().mean() > 0.1
+    with pytest.raises(ValueError, match=r"posterior_multiclass_approx: counts\[\d+\] = .* (sums to|has \d+ in class)"):
+        posterior_multiclass_approx(logits, offsets, counts + 1)
+    with pytest.raises(ValueError, match="max_iterations must be a positive integer, got 0"):
+        posterior_multiclass_approx(logits, offsets, counts, max_iterations=0)

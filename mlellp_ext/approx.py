@@ -1,0 +1,84 @@
+"""An approximate multi-class E-step for bags whose lattice is too large.
+
+The exact :func:`~mlellp_ext.posterior_multiclass` costs O(C * prod_c (y_c + 1))
+per bag, which grows without bound with the bag size (a bag of 64 over 10
+classes has hundreds of millions of count vectors). :func:`posterior_multiclass_approx`
+costs O(C * n * y) instead:
+
+1. For each class c alone, the exact binary posterior of "instance i is of
+   class c" given that the bag holds y_c of them (the binary op on the logit
+   of softmax_c, ``z_ic - logsumexp_{d != c} z_id``): a matrix (n, C) whose
+   column c sums to y_c exactly but whose rows need not sum to 1.
+2. Iterative proportional fitting (Sinkhorn) of that matrix to rows summing to
+   1 and columns summing to y: alternately divide each row by its sum and scale
+   each column to y_c, until both hold within ``tol``.
+
+For C = 2 step 1 already gives the exact posterior. Its error against the exact
+op is measured in ``bench/multiclass.py`` (docs/multiclass.md).
+"""
+from __future__ import annotations
+
+import torch
+
+from .bags import bag_index, check_count_vectors
+from .ops import _check_multiclass_layout_fake, _compute_dtype, posterior
+
+
+def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, *,
+                                max_iterations: int = 200, tol: float = 1e-6):
+    """Approximate class posteriors of each bag given its count vector (see the module).
+
+    Args:
+        logits, offsets, counts: as in :func:`~mlellp_ext.posterior_multiclass`.
+        max_iterations: Sinkhorn iterations at most.
+        tol: stop when every column of every bag sums to its count within ``tol``.
+
+    Returns:
+        phi: (N, C) in the dtype of logits, rows summing to 1, column c of bag b
+            summing to ``counts[b, c]`` within ``tol`` (after convergence), 0 where
+            ``counts[b, c] = 0``. Not differentiable.
+        log_likelihood: (B,) the composite log-likelihood
+            ``sum_c log P(S_bc = counts[b, c])`` of the per-class counts, each
+            exact, treated as independent. It is not ``log P(counts[b])`` (for C = 2
+            it is twice it); EM uses it only through its changes. A bag that some
+            class count makes impossible gets -inf and NaN phi; a NaN logit makes
+            its own bag NaN.
+    """
+    op = "posterior_multiclass_approx"
+    _check_multiclass_layout_fake(op, logits, offsets, counts, 1)
+    check_count_vectors(op, logits.shape[0], offsets, counts)
+    if not (isinstance(max_iterations, int) and max_iterations >= 1):
+        raise ValueError(f"{op}: max_iterations must be a positive integer, got {max_iterations!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"{op}: tol must be a positive number, got {tol!r}")
+    with torch.no_grad():
+        return _approx(logits, offsets, counts, max_iterations, float(tol))
+
+
+def _approx(logits, offsets, counts, max_iterations, tol):
+    dtype = _compute_dtype(logits.dtype)
+    z = logits.to(dtype)
+    N, C = z.shape
+    B = counts.shape[0]
+    # logit of softmax_c: z_c - logsumexp of the other classes.
+    others = torch.stack([torch.logsumexp(torch.cat([z[:, :c], z[:, c + 1:]], 1), 1) for c in range(C)], 1)
+    u = z - others
+    # All classes in one call: class c's bags are the bags again, shifted by c * N.
+    shift = (torch.arange(C, device=offsets.device) * N).repeat_interleave(B)
+    tiled = torch.cat([offsets[:-1].repeat(C) + shift, offsets.new_tensor([C * N])])
+    phi_c, ll_c = posterior(u.T.reshape(-1).contiguous(), tiled, counts.T.reshape(-1).contiguous())
+    phi = phi_c.view(C, N).T.contiguous()
+    log_lik = ll_c.view(C, B).sum(0)
+    bag = bag_index(offsets, N)
+    target = counts.to(dtype)
+    for _ in range(max_iterations):
+        phi = phi / phi.sum(1, keepdim=True)
+        sums = torch.zeros(B, C, dtype=dtype, device=z.device).index_add_(0, bag, phi)
+        if bool(((sums - target).abs() <= tol).all()):
+            break
+        scale = torch.where(target > 0, target / sums, torch.zeros_like(sums))
+        phi = phi * scale[bag]
+    bad = ~torch.isfinite(log_lik) | torch.isnan(log_lik)
+    if bool(bad.any()):
+        phi[bad[bag]] = float("nan")
+    return phi.to(logits.dtype), log_lik
