@@ -15,13 +15,15 @@ costs O(C * n * y) instead:
 
 For C = 2 step 1 already gives the exact posterior. Its error against the exact
 op is measured in ``bench/multiclass.py`` (docs/multiclass.md).
+:func:`posterior_multiclass_auto` takes the exact E-step where the budget allows
+and this one elsewhere, and says which bags it approximated.
 """
 from __future__ import annotations
 
 import torch
 
 from .bags import bag_index, check_count_vectors
-from .ops import _check_multiclass_layout_fake, _compute_dtype, posterior
+from .ops import DEFAULT_MAX_STATES, _check_multiclass_layout_fake, _compute_dtype, posterior, posterior_multiclass
 
 
 def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, *,
@@ -82,3 +84,36 @@ def _approx(logits, offsets, counts, max_iterations, tol):
     if bool(bad.any()):
         phi[bad[bag]] = float("nan")
     return phi.to(logits.dtype), log_lik
+
+
+def lattice_states(counts: torch.Tensor) -> torch.Tensor:
+    """Each bag's exact-E-step state count prod_c (counts[b, c] + 1), as float64
+    (it may exceed int64)."""
+    return (counts.double() + 1).prod(1)
+
+
+def posterior_multiclass_auto(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, *,
+                              max_states: int = DEFAULT_MAX_STATES):
+    """The exact E-step for bags within ``max_states`` states, the approximate one
+    (:func:`posterior_multiclass_approx`) for the others.
+
+    Returns ``(phi, log_likelihood, approximated)``, the last a (B,) bool tensor
+    marking the bags that took the approximation (their log-likelihood is the
+    composite one)."""
+    approximated = lattice_states(counts) > max_states
+    if not bool(approximated.any()):
+        return (*posterior_multiclass(logits, offsets, counts, max_states=max_states), approximated)
+    if bool(approximated.all()):
+        return (*posterior_multiclass_approx(logits, offsets, counts), approximated)
+    bag = bag_index(offsets, logits.shape[0])
+    dtype = _compute_dtype(logits.dtype)
+    phi = torch.empty_like(logits)
+    log_lik = torch.empty(counts.shape[0], dtype=dtype, device=logits.device)
+    for mask, fn in ((~approximated, lambda *a: posterior_multiclass(*a, max_states=max_states)),
+                     (approximated, posterior_multiclass_approx)):
+        rows = mask[bag]
+        sub_offsets = torch.cat([offsets.new_zeros(1), offsets.diff()[mask].cumsum(0)])
+        sub_phi, sub_ll = fn(logits[rows], sub_offsets, counts[mask])
+        phi[rows] = sub_phi
+        log_lik[mask] = sub_ll.to(dtype)
+    return phi, log_lik, approximated

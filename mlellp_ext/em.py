@@ -23,10 +23,12 @@ import math
 
 import torch
 
+from .approx import posterior_multiclass_approx, posterior_multiclass_auto
 from .bags import check_bag_values, check_count_vectors
 from .ops import DEFAULT_MAX_STATES, _check_layout_fake, _check_multiclass_layout_fake, posterior
 
 DEFAULT_TOL = 1e-4
+ESTEPS = ("exact", "approx", "auto")
 # The stopping rule applies only after this many E-steps: at the start a network that
 # predicts about the bag proportions for everything leaves L nearly flat, and the
 # rule alone would stop there (seen on digits with some seeds).
@@ -44,7 +46,12 @@ class EMTargets:
         tol: :attr:`converged` once ``|L - L_previous| < tol`` ...
         min_iterations: ... after at least this many :meth:`update` calls.
         max_states: multi-class only, the per-bag state budget of
-            :func:`posterior_multiclass`; a bag over it is an error here.
+            :func:`posterior_multiclass`; with ``estep="exact"`` a bag over it is
+            an error here.
+        estep: multi-class only: ``"exact"`` (default), ``"approx"``
+            (:func:`posterior_multiclass_approx` for every bag) or ``"auto"``
+            (exact within ``max_states``, approximate beyond;
+            :attr:`approximated_bags` counts those).
 
     Attributes:
         phi: (N,) float32 targets ((N, C) for count vectors); before any update
@@ -53,6 +60,8 @@ class EMTargets:
         log_likelihood: the last ``L`` (float), or None before any update.
         iterations: number of updates so far.
         converged: whether the stopping rule holds.
+        approximated_bags: bags whose last E-step was approximate (multi-class
+            ``estep="approx"``/``"auto"``; else 0).
 
     Bad offsets or counts raise the op's ``ValueError`` messages (naming the argument) here;
     logits of the wrong shape or dtype raise a ``ValueError`` at :meth:`update`.
@@ -70,7 +79,8 @@ class EMTargets:
     """
 
     def __init__(self, offsets: torch.Tensor, counts: torch.Tensor, *, tol: float = DEFAULT_TOL,
-                 min_iterations: int = DEFAULT_MIN_ITERATIONS, max_states: int = DEFAULT_MAX_STATES):
+                 min_iterations: int = DEFAULT_MIN_ITERATIONS, max_states: int = DEFAULT_MAX_STATES,
+                 estep: str = "exact"):
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
             raise ValueError(f"EMTargets: tol must be a non-negative number, got {tol!r}")
         if not (isinstance(min_iterations, int) and min_iterations >= 0):
@@ -80,18 +90,24 @@ class EMTargets:
                 raise ValueError(f"EMTargets: {name} must be an int64 tensor, got {type(t).__name__}")
         # The op's checks of the layout and its values, with its messages (the logits come later).
         self.num_classes = counts.shape[1] if counts.dim() == 2 else None
+        if estep not in ESTEPS:
+            raise ValueError(f"EMTargets: estep must be one of {', '.join(ESTEPS)}, got {estep!r}")
         if self.num_classes is not None:
             if not (isinstance(max_states, int) and max_states >= 1):
                 raise ValueError(f"EMTargets: max_states must be a positive integer, got {max_states!r}")
             _check_multiclass_layout_fake("EMTargets", torch.empty(0, self.num_classes, device=offsets.device),
                                           offsets, counts, max_states)
             n = int(offsets[-1])
-            check_count_vectors("EMTargets", n, offsets, counts, max_states)
+            check_count_vectors("EMTargets", n, offsets, counts, max_states if estep == "exact" else None)
+        elif estep != "exact":
+            raise ValueError(f"EMTargets: estep={estep!r} is for count vectors ((B, C) counts); "
+                             f"binary counts always take the exact E-step")
         else:
             _check_layout_fake("EMTargets", torch.empty(0, device=offsets.device), offsets, counts)
             n = int(offsets[-1])
             check_bag_values("EMTargets", n, offsets, counts)
-        self.offsets, self.counts, self.max_states = offsets, counts, max_states
+        self.offsets, self.counts, self.max_states, self.estep = offsets, counts, max_states, estep
+        self.approximated_bags = 0
         self.num_instances, self.num_bags = n, counts.shape[0]
         self.tol, self.min_iterations = float(tol), min_iterations
         sizes = offsets.diff()
@@ -147,7 +163,15 @@ class EMTargets:
                          f"((N, C) = ({self.num_instances}, {self.num_classes}))")
             raise ValueError(f"EMTargets.update: logits must be {what}, got {got}")
         offsets, counts = self._layout_on(logits.device)
-        phi, log_lik = posterior(logits.detach(), offsets, counts, max_states=self.max_states)
+        if self.estep == "exact":
+            phi, log_lik = posterior(logits.detach(), offsets, counts, max_states=self.max_states)
+        elif self.estep == "approx":
+            phi, log_lik = posterior_multiclass_approx(logits.detach(), offsets, counts)
+            self.approximated_bags = self.num_bags
+        else:
+            phi, log_lik, approximated = posterior_multiclass_auto(logits.detach(), offsets, counts,
+                                                                   max_states=self.max_states)
+            self.approximated_bags = int(approximated.sum())
         total = log_lik.double().sum()
         num_bags = float(self.num_bags)
         if group is not None:

@@ -265,3 +265,24 @@ def test_multiclass_targets_are_the_posterior_of_count_vectors(gen):
     z = torch.randn(len(labels), 2, generator=gen, dtype=torch.float64)
     assert em2.update(z) == pytest.approx(em1.update(z[:, 1] - z[:, 0]), abs=1e-6)
     assert torch.allclose(em2.phi[:, 1], em1.phi, atol=1e-6)
+
+
+def test_multiclass_auto_approximates_only_bags_over_the_budget(gen):
+    sizes = torch.tensor([3, 9, 4, 10])
+    offsets = offsets_from_sizes(sizes)
+    counts = torch.tensor([[1, 1, 1], [3, 3, 3], [2, 1, 1], [4, 3, 3]])  # states 8, 64, 12, 80
+    logits = torch.randn(int(sizes.sum()), 3, generator=gen, dtype=torch.float64)
+    with pytest.raises(ValueError, match="bag 1 with counts \\[3, 3, 3\\] has 64 count-vector states"):
+        EMTargets(offsets, counts, max_states=20)
+    em = EMTargets(offsets, counts, max_states=20, estep="auto")
+    em.update(logits)
+    assert em.approximated_bags == 2
+    exact, _ = posterior(logits, offsets, counts)
+    approx, _ = mlellp_ext.posterior_multiclass_approx(logits, offsets, counts)
+    bag = torch.repeat_interleave(torch.arange(4), sizes)
+    big = torch.tensor([False, True, False, True])[bag]
+    assert torch.allclose(em.phi[~big], exact[~big].float()) and torch.allclose(em.phi[big], approx[big].float())
+    with pytest.raises(ValueError, match="estep must be one of exact, approx, auto, got 'fast'"):
+        EMTargets(offsets, counts, estep="fast")
+    with pytest.raises(ValueError, match="estep='auto' is for count vectors"):
+        EMTargets(offsets, counts[:, 0], estep="auto")
