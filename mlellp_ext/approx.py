@@ -57,14 +57,34 @@ def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, cou
         return _approx(logits, offsets, counts, max_iterations, float(tol))
 
 
+def _log_softmax(z):
+    """log_softmax over the last dimension, reading infinities as the op does
+    (multiclass_recursion.h, log_softmax_row): m entries of +inf share the mass."""
+    posinf = torch.isposinf(z)
+    m = posinf.sum(-1, keepdim=True)
+    certain = torch.where(posinf, -torch.log(m.clamp(min=1).to(z.dtype)), torch.full_like(z, -torch.inf))
+    return torch.where(m > 0, certain, torch.log_softmax(z.masked_fill(posinf, 0), -1))
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x <= 0, without cancellation (-inf at x = 0)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def _approx(logits, offsets, counts, max_iterations, tol):
-    dtype = _compute_dtype(logits.dtype)
+    # float64 throughout: the fitting divides by row sums that float32 would underflow.
+    dtype = torch.float64
     z = logits.to(dtype)
     N, C = z.shape
     B = counts.shape[0]
-    # logit of softmax_c: z_c - logsumexp of the other classes.
+    # logit of softmax_c: z_c - logsumexp of the other classes (exact where
+    # log p_c - log(1 - p_c) would round p_c to 1); rows with +inf as the op reads them.
     others = torch.stack([torch.logsumexp(torch.cat([z[:, :c], z[:, c + 1:]], 1), 1) for c in range(C)], 1)
     u = z - others
+    has_posinf = torch.isposinf(z).any(1, keepdim=True)
+    if bool(has_posinf.any()):
+        lp = _log_softmax(z)
+        u = torch.where(has_posinf, lp - _log1mexp(lp), u)
     # All classes in one call: class c's bags are the bags again, shifted by c * N.
     shift = (torch.arange(C, device=offsets.device) * N).repeat_interleave(B)
     tiled = torch.cat([offsets[:-1].repeat(C) + shift, offsets.new_tensor([C * N])])
@@ -73,6 +93,11 @@ def _approx(logits, offsets, counts, max_iterations, tol):
     log_lik = ll_c.view(C, B).sum(0)
     bag = bag_index(offsets, N)
     target = counts.to(dtype)
+    # A row whose posteriors all underflowed to 0 (a confident prediction its bag's
+    # counts rule out) restarts uniform over the bag's classes.
+    active = (counts > 0)[bag].to(dtype)
+    empty = phi.sum(1) == 0
+    phi = torch.where(empty.unsqueeze(1), active, phi)
     for _ in range(max_iterations):
         phi = phi / phi.sum(1, keepdim=True)
         sums = torch.zeros(B, C, dtype=dtype, device=z.device).index_add_(0, bag, phi)
@@ -80,10 +105,10 @@ def _approx(logits, offsets, counts, max_iterations, tol):
             break
         scale = torch.where(target > 0, target / sums, torch.zeros_like(sums))
         phi = phi * scale[bag]
-    bad = ~torch.isfinite(log_lik) | torch.isnan(log_lik)
+    bad = ~torch.isfinite(log_lik)
     if bool(bad.any()):
         phi[bad[bag]] = float("nan")
-    return phi.to(logits.dtype), log_lik
+    return phi.to(logits.dtype), log_lik.to(_compute_dtype(logits.dtype))
 
 
 def lattice_states(counts: torch.Tensor) -> torch.Tensor:
@@ -100,6 +125,9 @@ def posterior_multiclass_auto(logits: torch.Tensor, offsets: torch.Tensor, count
     Returns ``(phi, log_likelihood, approximated)``, the last a (B,) bool tensor
     marking the bags that took the approximation (their log-likelihood is the
     composite one)."""
+    op = "posterior_multiclass_auto"
+    _check_multiclass_layout_fake(op, logits, offsets, counts, max_states)
+    check_count_vectors(op, logits.shape[0], offsets, counts)
     approximated = lattice_states(counts) > max_states
     if not bool(approximated.any()):
         return (*posterior_multiclass(logits, offsets, counts, max_states=max_states), approximated)

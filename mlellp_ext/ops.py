@@ -18,6 +18,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # posterior_multiclass's default state budget per bag (the schema's default): 2^24
 # count vectors, two tables of 16 bytes per state, 256 MiB.
 DEFAULT_MAX_STATES = 1 << 24
+MAX_STATES_LIMIT = 1 << 40  # csrc/ops/checks.cpp: 16 TiB of tables, far from int64 overflow
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,7 +128,8 @@ def _check_multiclass_layout_fake(op, logits, offsets, counts, max_states):
     _check(op, counts.shape[1] == logits.shape[1],
            lambda: f"counts must have one column per class of logits ({logits.shape[1]}), got shape {list(counts.shape)}")
     _check_device(op, "counts", counts, logits)
-    _check(op, max_states >= 1, lambda: f"max_states must be at least 1, got {max_states}")
+    _check(op, 1 <= max_states <= MAX_STATES_LIMIT,
+           lambda: f"max_states must be between 1 and 2^40 = {MAX_STATES_LIMIT}, got {max_states}")
 
 
 @torch.library.register_fake("mlellp::posterior_multiclass")
@@ -421,7 +423,8 @@ class _PosteriorMulticlassFn(torch.autograd.Function):
     d log P(y_b) / dz_ic = phi_ic - softmax(z_i)_c. phi is returned as a
     non-differentiable output (like sort's indices: it does not require grad), since
     its derivative (a conditional covariance over pairs of instances) has no kernel;
-    second derivatives and forward mode raise rather than return wrong numbers."""
+    second derivatives and forward mode raise rather than return wrong numbers
+    (_MulticlassLogLikGradFn)."""
 
     @staticmethod
     def forward(logits, offsets, counts, max_states=DEFAULT_MAX_STATES):
@@ -437,17 +440,47 @@ class _PosteriorMulticlassFn(torch.autograd.Function):
         ctx.save_for_backward(output[0], logits, offsets)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, _grad_phi, grad_log_lik):
         rest = (None,) * (ctx.num_inputs - 1)
         if grad_log_lik is None:
             return (None,) + rest
         phi, logits, offsets = ctx.saved_tensors
-        return (_multiclass_log_lik_grad(grad_log_lik, phi, logits, offsets),) + rest
+        # Through a Function whose own derivative raises: the gradient's dependence on
+        # the logits goes through phi, which has no derivative here, so a second
+        # derivative (create_graph, torch.func) must not silently drop it.
+        return (_MulticlassLogLikGradFn.apply(grad_log_lik, phi, logits, offsets),) + rest
 
     @staticmethod
     def jvp(ctx, *tangents):
         raise RuntimeError("mlellp::posterior_multiclass has no forward-mode derivative")
+
+
+_MULTICLASS_SECOND_ORDER = ("second derivatives of mlellp::posterior_multiclass are not supported "
+                            "(its phi has no derivative)")
+
+
+class _MulticlassLogLikGradFn(torch.autograd.Function):
+    """(g, phi, z) -> g[b] (phi_i - softmax(z_i)); differentiating it raises."""
+
+    @staticmethod
+    def forward(grad_log_lik, phi, logits, offsets):
+        return _multiclass_log_lik_grad(grad_log_lik, phi, logits, offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(_MULTICLASS_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_MULTICLASS_SECOND_ORDER)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(_MULTICLASS_SECOND_ORDER)
 
 
 def _softmax_exact(logits):
@@ -591,8 +624,8 @@ def posterior_multiclass(logits, offsets, counts, *, max_states: int = DEFAULT_M
         offsets: (B + 1,) int64, the bag layout of :func:`posterior`.
         counts: (B, C) int64, non-negative, row b summing to bag b's size.
         max_states: a bag with more than this many states S_b is an error
-            naming it (the default, 2^24, keeps its tables within 256 MiB);
-            such bags need :func:`posterior_multiclass_approx`.
+            naming it (the default, 2^24, keeps its tables within 256 MiB; at
+            most 2^40); such bags need :func:`posterior_multiclass_approx`.
 
     Returns:
         phi: (N, C) in the dtype of logits, rows summing to 1; exactly 0 in

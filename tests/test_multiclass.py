@@ -163,8 +163,10 @@ def test_bad_inputs_name_the_argument_and_value(device):
     for args, message in cases:
         with pytest.raises(ValueError, match=f"^posterior_multiclass: {_escape(message)}"):
             OP(*args)
-    with pytest.raises(ValueError, match=r"posterior_multiclass: max_states must be at least 1, got 0"):
-        OP(z, off, ok, max_states=0)
+    for bad in (0, 2 ** 40 + 1):
+        with pytest.raises(ValueError, match=rf"posterior_multiclass: max_states must be between 1 and "
+                                             rf"2\^40 = 1099511627776, got {bad}"):
+            OP(z, off, ok, max_states=bad)
     # Over the state budget: the bag, its counts and its state count are named.
     big = torch.randn(64, 10, device=device)
     counts = torch.tensor([[10] + [6] * 9], device=device)
@@ -219,3 +221,80 @@ def test_approximate_e_step(gen):
         posterior_multiclass_approx(logits, offsets, counts + 1)
     with pytest.raises(ValueError, match="max_iterations must be a positive integer, got 0"):
         posterior_multiclass_approx(logits, offsets, counts, max_iterations=0)
+
+
+def test_benchmark_baseline_computes_the_same_posterior(gen):
+    """bench/multiclass.py's PyTorch lattice DP (the speed baseline) is a correct one."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "multiclass.py")
+    spec = importlib.util.spec_from_file_location("bench_multiclass", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    logits, offsets, counts = random_multiclass(gen, 8, 10, 9, 2.0)
+    phi, log_lik = bench.torch_dp(logits, bench.lattice_index(offsets, counts))
+    ref_phi, ref_ll = OP(logits, offsets, counts)
+    assert torch.allclose(phi, ref_phi, atol=1e-10) and torch.allclose(log_lik, ref_ll, atol=1e-10)
+
+
+def test_second_derivatives_raise_instead_of_dropping_phi(gen):
+    logits, offsets, counts = random_multiclass(gen, 4, 3, 5, 1.0)
+    z = logits.clone().requires_grad_()
+    _, log_lik = posterior(z, offsets, counts)
+    grad, = torch.autograd.grad(log_lik.sum() + (z ** 3).sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives of mlellp::posterior_multiclass are not supported"):
+        torch.autograd.grad(grad.sum(), z)
+    with pytest.raises(RuntimeError):
+        torch.func.jacrev(torch.func.grad(lambda z: posterior(z, offsets, counts)[1].sum()))(logits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_log_space_path_against_float64(gen, device):
+    """Logits ~ N(0, 60^2) put every bag on the log-space path, in float32 here."""
+    logits, offsets, counts = random_multiclass(gen, 20, 4, 9, 60.0, device=device)
+    ref_phi, ref_ll = OP(logits.float().double(), offsets, counts)  # float64 on the same (rounded) inputs
+    phi, log_lik = OP(logits.float(), offsets, counts)
+    # phi = exp(a + t - log P) with terms of size |log P|: float32 (eps 6e-8) loses
+    # about |log P| * 6e-8 in each exponent.
+    bag = torch.repeat_interleave(torch.arange(20, device=device), offsets.diff())
+    tol = 1e-6 + 3e-7 * ref_ll.abs()[bag].unsqueeze(1)
+    assert ((phi.double() - ref_phi).abs() <= tol).all()
+    assert torch.allclose(log_lik.double(), ref_ll, rtol=1e-6, atol=1e-5)
+
+
+def test_approximate_e_step_with_confident_and_infinite_logits():
+    inf = math.inf
+    # A confident prediction the counts rule out (its per-class posteriors underflow).
+    phi, log_lik = posterior_multiclass_approx(torch.tensor([[200.0, 0, 0], [0, 0, 0]]), torch.tensor([0, 2]),
+                                               torch.tensor([[0, 1, 1]]))
+    assert torch.allclose(phi, torch.tensor([[0, 0.5, 0.5], [0, 0.5, 0.5]])) and log_lik.isfinite().all()
+    # Two +inf share the mass, as in the exact op.
+    z = torch.tensor([[inf, inf, 0], [0, 0, 0]])
+    phi, log_lik = posterior_multiclass_approx(z, torch.tensor([0, 2]), torch.tensor([[1, 1, 0]]))
+    assert not phi.isnan().any() and log_lik.isfinite().all()
+    assert torch.allclose(phi.sum(1), torch.ones(2))
+    phi, log_lik = posterior_multiclass_approx(torch.tensor([[math.nan, 0, 0], [0, 0, 0]]), torch.tensor([0, 1, 2]),
+                                               torch.tensor([[1, 0, 0], [1, 0, 0]]))
+    assert phi[0].isnan().all() and log_lik[0].isnan() and not phi[1].isnan().any()
+
+
+def test_python_checks_match_the_ops_words():
+    from mlellp_ext.bags import check_count_vectors
+
+    offsets = torch.tensor([0, 2, 5])
+    for counts in (torch.tensor([[1, 2, 0], [0, -1, 4]]), torch.tensor([[1, 1, 0], [0, -1, 4]]),
+                   torch.tensor([[3, 0, 0], [1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 1, 0]])):
+        with pytest.raises(ValueError) as op_error:
+            OP(torch.zeros(5, 3), offsets, counts)
+        with pytest.raises(ValueError) as py_error:
+            check_count_vectors("posterior_multiclass", 5, offsets, counts, 1 << 24)
+        assert str(py_error.value) == str(op_error.value)
+    big = torch.tensor([[16, 0, 0], [1, 1, 1]])  # 17 and 8 states; at max_states = 16 bag 0 is over
+    off = torch.tensor([0, 16, 19])
+    with pytest.raises(ValueError) as op_error:
+        OP(torch.zeros(19, 3), off, big, max_states=16)
+    with pytest.raises(ValueError) as py_error:
+        check_count_vectors("posterior_multiclass", 19, off, big, 16)
+    assert str(py_error.value) == str(op_error.value)
+    check_count_vectors("posterior_multiclass", 19, off, big, 17)  # exactly at the budget

@@ -154,7 +154,10 @@ void check_multiclass_layout(const char* op, const at::Tensor& logits, const at:
                     logits.size(1), "), got shape ", counts.sizes());
   TORCH_CHECK_VALUE(counts.device() == logits.device(), op, ": counts is on ", counts.device(), " but logits is on ",
                     logits.device());
-  TORCH_CHECK_VALUE(max_states >= 1, op, ": max_states must be at least 1, got ", max_states);
+  // 2^40 states (16 TiB of tables) is beyond any machine, and keeps the workspace's
+  // byte counts far from int64 overflow.
+  TORCH_CHECK_VALUE(max_states >= 1 && max_states <= (int64_t(1) << 40), op,
+                    ": max_states must be between 1 and 2^40 = 1099511627776, got ", max_states);
 }
 
 static std::string row_text(const int64_t* row, int64_t num_classes) {

@@ -30,9 +30,9 @@
 //    term, and every sum of terms, above DBL_MIN (and all are <= 1).
 //  * log-probabilities in the compute dtype, with log-sum-exp per state: exact
 //    for any logits, +-inf included.
-// A NaN logit makes its bag's phi and log-likelihood NaN; a count vector that
-// infinite logits (or an all -inf row) make impossible gives log-likelihood
-// -inf and NaN phi, in that bag only (the binary op's contract).
+// A NaN logit, or a row of all -inf (no distribution), makes its bag's phi and
+// log-likelihood NaN; a count vector that infinite logits make impossible gives
+// log-likelihood -inf and NaN phi, in that bag only (the binary op's contract).
 #pragma once
 
 #include <cmath>
