@@ -57,8 +57,8 @@ class Profile:
 
 
 PROFILES = {
-    # Sized for a 2-core CPU: about two hours of one core each for curves and bags
-    # (run them at the same time, then timing alone). 15 epochs let every method's
+    # Sized for a 2-core CPU: about an hour with curves and bags as two one-thread
+    # processes at once (OMP_NUM_THREADS=1), then timing alone for a few minutes. 15 epochs let every method's
     # mean curve flatten (claim c); five repetitions give the standard deviations of
     # claim g some meaning; the bags experiment spans m = 200..1000 (claim f).
     "cpu": Profile(repetitions=5, epochs=15, width=0.25, curves_bags=600, bag_counts=(200, 400, 600, 800, 1000),
