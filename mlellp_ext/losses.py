@@ -7,16 +7,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .bags import bag_index, check_bag_values, split_nested
-from .ops import _check_layout_fake
+from .bags import bag_index, check_bag_values, check_count_vectors, split_nested
+from .ops import _check_layout_fake, _check_multiclass_layout_fake
 
 _REDUCTIONS = ("none", "mean", "sum")
 
 
 def _bag_logsumexp(values: torch.Tensor, bag: torch.Tensor, num_bags: int) -> torch.Tensor:
-    """log sum_{i in b} exp(values[i]) per bag (-inf for an empty bag), differentiable."""
-    top = torch.full((num_bags,), -math.inf, dtype=values.dtype, device=values.device)
-    top = top.scatter_reduce(0, bag, values.detach(), "amax")
+    """log sum_{i in b} exp(values[i]) per bag (-inf for an empty bag), differentiable;
+    values (N,) or (N, C) (then per bag and column)."""
+    top = torch.full((num_bags, *values.shape[1:]), -math.inf, dtype=values.dtype, device=values.device)
+    index = bag.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    top = top.scatter_reduce(0, index, values.detach(), "amax")
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     sums = torch.zeros_like(top).index_add(0, bag, torch.exp(values - top[bag]))
     return sums.log() + top
@@ -38,12 +40,18 @@ def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> tor
         reduction: ``'mean'`` over all B bags (default; empty bags count 0, as in
             ``bag_log_likelihood``), ``'sum'`` or ``'none'`` (shape (B,)).
 
+    Multi-class bags: (N, C) logits with (B, C) count vectors give DLLP's original
+    loss, the cross-entropy between the bag's proportion vector and its mean softmax,
+    ``loss_b = -sum_c (y_bc / n_b) log mean_{i in b} softmax(z_i)_c``, in log space too.
+
     Example:
         >>> z = torch.randn(5, requires_grad=True)
         >>> dllp_loss(z, offsets_from_sizes([3, 2]), torch.tensor([1, 2])).backward()
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"dllp_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(logits, torch.Tensor) and not logits.is_nested and logits.dim() == 2:
+        return _reduce(_dllp_multiclass(logits, offsets, counts), reduction)
     logits, offsets, counts, _ = split_nested(logits, offsets, counts, "dllp_loss")
     for name, t in (("logits", logits), ("offsets", offsets), ("counts", counts)):
         if t is None:
@@ -61,8 +69,27 @@ def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> tor
     # 0 * log 0 = 0: a term whose proportion is 0 drops out (also for q = 0 or 1 exactly).
     loss = -(torch.where(p > 0, p * log_q, 0.0) + torch.where(p < 1, (1 - p) * log_1mq, 0.0))
     loss = torch.where(sizes > 0, loss, torch.zeros_like(loss))
+    return _reduce(loss, reduction)
+
+
+def _reduce(loss, reduction):
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def _dllp_multiclass(logits, offsets, counts):
+    for name, t in (("offsets", offsets), ("counts", counts)):
+        if t is None:
+            raise ValueError(f"dllp_loss: {name} is required, got None")
+    _check_multiclass_layout_fake("dllp_loss", logits, offsets, counts, 1)
+    check_count_vectors("dllp_loss", logits.shape[0], offsets, counts)
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    sizes = offsets.diff().to(z.dtype)
+    bag = bag_index(offsets, z.shape[0])
+    log_q = _bag_logsumexp(F.log_softmax(z, 1), bag, offsets.shape[0] - 1) - sizes.log().unsqueeze(1)
+    p = counts.to(z.dtype) / sizes.clamp(min=1).unsqueeze(1)
+    loss = -torch.where(p > 0, p * log_q, 0.0).sum(1)  # 0 log 0 = 0
+    return torch.where(sizes > 0, loss, torch.zeros_like(loss))

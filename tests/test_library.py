@@ -166,3 +166,29 @@ def test_sampler_errors():
         sampler.bag_layout(torch.tensor([3, 4, 5]), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match=r"counts must have shape \[2\]"):
         sampler.bag_layout(torch.tensor([3, 4]), torch.tensor([1]))
+
+
+def test_dllp_loss_multiclass_is_the_proportion_cross_entropy(gen):
+    """(N, C) logits with count vectors: -sum_c p_bc log(mean softmax), the textbook form;
+    C = 2 equals the binary loss of z1 - z0."""
+    sizes = torch.tensor([3, 0, 5, 1])
+    offsets = mlellp_ext.offsets_from_sizes(sizes)
+    counts = torch.tensor([[1, 2, 0], [0, 0, 0], [2, 2, 1], [0, 0, 1]])
+    z = torch.randn(9, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    got = dllp_loss(z, offsets, counts, reduction="none")
+    want = []
+    for b in range(4):
+        s, e = int(offsets[b]), int(offsets[b + 1])
+        if e == s:
+            want.append(torch.tensor(0.0, dtype=torch.float64))
+            continue
+        q = torch.softmax(z[s:e], 1).mean(0)
+        p = counts[b].double() / (e - s)
+        want.append(-(p[p > 0] * q[p > 0].log()).sum())
+    torch.testing.assert_close(got, torch.stack(want))
+    assert torch.autograd.gradcheck(lambda t: dllp_loss(t, offsets, counts), (z,))
+    assert torch.isfinite(dllp_loss(z.detach() * 1e4, offsets, counts))
+    two = torch.stack([sizes - counts[:, 2], counts[:, 2]], 1)
+    torch.testing.assert_close(dllp_loss(z[:, :2], offsets, two), dllp_loss(z[:, 1] - z[:, 0], offsets, two[:, 1]))
+    with pytest.raises(ValueError, match=r"dllp_loss: counts\[0\] = \[1, 1, 0\] sums to 2 but bag 0 has 3"):
+        dllp_loss(z, offsets, counts - torch.tensor([0, 1, 0]) * (torch.arange(4) == 0).long().unsqueeze(1))
