@@ -244,6 +244,25 @@ def _log_pmf_vmap(call, info, in_dims, logits, offsets):
     return out.view(logits.shape[0], logits.shape[1] + offsets.shape[0] - 1), 0
 
 
+def _posterior_multiclass_vmap(call, info, in_dims, logits, offsets, counts, max_states=DEFAULT_MAX_STATES):
+    op = "posterior_multiclass"
+    if in_dims[1] is not None:
+        raise ValueError(f"{op}: vmap over offsets is not supported (every batch entry must share the bag "
+                         f"layout); vmap over logits and counts instead")
+    batch = info.batch_size
+    logits = _batched(logits, in_dims[0], batch)  # (batch, N, C)
+    counts = _batched(counts, in_dims[2], batch)  # (batch, B, C)
+    n = logits.shape[1]
+    if offsets.numel() and int(offsets[-1]) != n:
+        raise ValueError(f"{op}: offsets[-1] must equal len(logits) = {n}, got offsets[{offsets.numel() - 1}] = "
+                         f"{int(offsets[-1])}")
+    shift = torch.arange(batch, device=offsets.device, dtype=offsets.dtype).unsqueeze(1) * n
+    tiled = torch.cat([(offsets[:-1].unsqueeze(0) + shift).reshape(-1), offsets.new_tensor([batch * n])])
+    phi, log_lik = _batch_call(call, logits, offsets, logits.reshape(batch * n, *logits.shape[2:]), tiled,
+                               counts.reshape(batch * counts.shape[1], *counts.shape[2:]), max_states)
+    return (phi.view(logits.shape), log_lik.view(batch, counts.shape[1])), (0, 0)
+
+
 def _below_autograd(name, *args):
     """torch.ops.mlellp.<name> straight to its CPU/CUDA kernel (no autograd layer)."""
     with torch._C._AutoDispatchBelowAutograd():
@@ -454,6 +473,9 @@ class _PosteriorMulticlassFn(torch.autograd.Function):
     def jvp(ctx, *tangents):
         raise RuntimeError("mlellp::posterior_multiclass has no forward-mode derivative")
 
+    vmap = staticmethod(lambda info, in_dims, *args: _posterior_multiclass_vmap(
+        _PosteriorMulticlassFn.apply, info, in_dims, *args))
+
 
 _MULTICLASS_SECOND_ORDER = ("second derivatives of mlellp::posterior_multiclass are not supported "
                             "(its phi has no derivative)")
@@ -478,9 +500,7 @@ class _MulticlassLogLikGradFn(torch.autograd.Function):
     def jvp(ctx, *tangents):
         raise RuntimeError(_MULTICLASS_SECOND_ORDER)
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise RuntimeError(_MULTICLASS_SECOND_ORDER)
+    generate_vmap_rule = True  # its forward is plain torch ops: vmap(grad(...)) works
 
 
 def _softmax_exact(logits):
@@ -545,7 +565,8 @@ for _name, _fn in (("posterior", _PosteriorFn), ("posterior_backward", _Posterio
     _lib.impl(_name, _autograd_kernel(_name, _ctx_in_forward(_fn)), "Autograd")
 # For torch.vmap over torch.ops.mlellp.* called directly (without these, vmap loops over the batch).
 for _name, _rule in (("posterior", _posterior_vmap), ("posterior_backward", _posterior_backward_vmap),
-                     ("phi_jvp", _phi_jvp_vmap), ("log_pmf", _log_pmf_vmap)):
+                     ("phi_jvp", _phi_jvp_vmap), ("log_pmf", _log_pmf_vmap),
+                     ("posterior_multiclass", _posterior_multiclass_vmap)):
     torch.library.register_vmap(f"mlellp::{_name}", functools.partial(_rule, getattr(torch.ops.mlellp, _name)),
                                 lib=_lib)
 

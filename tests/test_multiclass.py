@@ -298,3 +298,22 @@ def test_python_checks_match_the_ops_words():
         check_count_vectors("posterior_multiclass", 19, off, big, 16)
     assert str(py_error.value) == str(op_error.value)
     check_count_vectors("posterior_multiclass", 19, off, big, 17)  # exactly at the budget
+
+
+def test_vmap_over_logits_and_counts(gen):
+    logits, offsets, counts = random_multiclass(gen, 5, 3, 6, 1.5)
+    batch_z = torch.stack([logits, logits * 2, -logits])
+    batch_c = torch.stack([counts, counts, counts.flip(1)])
+    for fn in (lambda z, c: posterior_multiclass(z, offsets, c), lambda z, c: OP(z, offsets, c)):
+        phi, log_lik = torch.vmap(fn)(batch_z, batch_c)
+        for k in range(3):
+            ref_phi, ref_ll = OP(batch_z[k], offsets, batch_c[k])
+            assert torch.equal(phi[k], ref_phi) and torch.equal(log_lik[k], ref_ll)
+    # torch.func.grad of a per-entry log-likelihood, batched
+    grads = torch.vmap(torch.func.grad(lambda z, c: posterior_multiclass(z, offsets, c)[1].sum()))(batch_z, batch_c)
+    for k in range(3):
+        z = batch_z[k].clone().requires_grad_()
+        ref, = torch.autograd.grad(posterior_multiclass(z, offsets, batch_c[k])[1].sum(), z)
+        assert torch.allclose(grads[k], ref)
+    with pytest.raises(ValueError, match="vmap over offsets is not supported"):
+        torch.vmap(lambda o: OP(logits, o, counts))(torch.stack([offsets, offsets]))
