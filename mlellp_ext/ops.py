@@ -705,7 +705,8 @@ def log_pmf(logits, offsets=None):
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean"):
+def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean", *,
+                       max_states: int = DEFAULT_MAX_STATES):
     """Differentiable log-likelihood ``log P(S_b = counts[b])`` of observed bag counts.
 
     Maximise it (minimise its negative) to fit logits to bag counts directly;
@@ -716,6 +717,7 @@ def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean
             (N, C) logits with (B, C) counts for multi-class bags).
         reduction: ``'none'`` (per bag, shape (B,)), ``'mean'`` over bags
             (default) or ``'sum'``.
+        max_states: multi-class bags only, :func:`posterior_multiclass`'s state budget.
 
     Example:
         >>> z = torch.randn(5, requires_grad=True)
@@ -724,7 +726,7 @@ def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"bag_log_likelihood: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    _, log_lik = posterior(logits, offsets, counts)
+    _, log_lik = posterior(logits, offsets, counts, max_states=max_states)
     if reduction == "mean":
         return log_lik.mean()
     if reduction == "sum":

@@ -178,6 +178,9 @@ def test_bad_inputs_name_the_argument_and_value(device):
         OP(z, off, ok, max_states=5)
     phi, _ = OP(z, off, ok, max_states=6)  # exactly at the budget
     assert phi.shape == z.shape
+    with pytest.raises(ValueError, match="over max_states = 5"):
+        bag_log_likelihood(z, off, ok, max_states=5)
+    assert bag_log_likelihood(z, off, ok, max_states=6).isfinite()
 
 
 def test_the_fake_kernel_checks_as_the_kernel_does():
