@@ -620,6 +620,10 @@ def posterior(logits, offsets=None, counts=None, *, max_states: int = DEFAULT_MA
         (torch.Size([5]), torch.Size([2]))
     """
     if isinstance(logits, torch.Tensor) and not logits.is_nested and logits.dim() == 2:
+        if isinstance(counts, torch.Tensor) and counts.dim() != 2:
+            raise ValueError(f"posterior: logits of shape {list(logits.shape)} are read as (N, C) multi-class "
+                             f"logits, which need (B, C) counts, got counts of shape {list(counts.shape)} "
+                             f"(binary bags take 1-D logits)")
         return posterior_multiclass(logits, offsets, counts, max_states=max_states)
     flat, offsets, counts, nested = split_nested(logits, offsets, counts, "posterior")
     if counts is None:

@@ -137,7 +137,7 @@ def test_vmap_bad_layout_raises(gen):
         torch.func.vmap(lambda t: post(t, offsets, counts)[1])(rows[:, :-1])
     with pytest.raises(ValueError, match="vmap over offsets is not supported"):
         torch.func.vmap(lambda o: mlellp_ext.log_pmf(logits, o))(torch.stack([offsets, offsets]))
-    with pytest.raises(ValueError, match="logits must be 1-D"):
+    with pytest.raises(ValueError, match=r"are read as \(N, C\) multi-class logits, which need \(B, C\) counts"):
         torch.func.vmap(f)(rows.unsqueeze(1))
     # a bad count in entry 1 is reported in the flat call's terms, with the layout explained
     bad = torch.stack([counts, counts])

@@ -195,6 +195,9 @@ def test_the_fake_kernel_checks_as_the_kernel_does():
 def test_python_api_requires_offsets_and_counts():
     with pytest.raises(ValueError, match="posterior_multiclass: offsets and counts are required"):
         posterior_multiclass(torch.randn(3, 2), None, None)
+    with pytest.raises(ValueError, match=r"posterior: logits of shape \[3, 2\] are read as \(N, C\) multi-class "
+                                         r"logits, which need \(B, C\) counts, got counts of shape \[1\]"):
+        posterior(torch.randn(3, 2), torch.tensor([0, 3]), torch.tensor([1]))
 
 
 def _escape(text):
