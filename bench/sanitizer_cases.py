@@ -5,8 +5,8 @@
 A plain script rather than pytest, so that the sanitizer's slow start is paid
 once. Every op runs on fresh random inputs, per-bag kernels (small bags) and
 the block kernel (bags whose rows are 64 or more wide) alike, plus empty bags,
-y = 0 and y = n, infinite logits and rejected input; each result is compared
-with the CPU kernels. The ops allocate their own outputs, so before each call
+y = 0 and y = n, infinite logits and rejected input, and the multi-class op on
+random count vectors; each result is compared with the CPU kernels. The ops allocate their own outputs, so before each call
 blocks of the outputs' sizes are filled with NaN and freed into torch's caching
 allocator, which most likely hands them to the op: an element no kernel wrote
 then reads NaN where the CPU has a number. (gpu-check runs memcheck and
@@ -73,6 +73,30 @@ def check_all_ops(label, logits, offsets, counts, gen):
     torch.cuda.synchronize()
 
 
+def multiclass_bags(gen, num_bags, num_classes, dtype):
+    """Random multi-class bags (sizes 0..9, count vectors of random labels), a few +-inf logits."""
+    sizes = torch.randint(0, 10, (num_bags,), generator=gen)
+    n = int(sizes.sum())
+    logits = torch.randn(n, num_classes, generator=gen, dtype=torch.float64) * 3
+    if n > 4:
+        logits[0, 0], logits[3, 1] = float("inf"), float("-inf")
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    bag = torch.repeat_interleave(torch.arange(num_bags), sizes)
+    counts = torch.zeros(num_bags, num_classes, dtype=torch.long).index_put_(
+        (bag, labels), torch.ones_like(labels), accumulate=True)
+    return logits.to(dtype), offsets_from_sizes(sizes), counts
+
+
+def check_multiclass(label, logits, offsets, counts):
+    tol = 1e-10 if logits.dtype == torch.float64 else 2e-4
+    phi_c, ll_c = torch.ops.mlellp.posterior_multiclass(logits, offsets, counts)
+    poison_cache(phi_c, ll_c)
+    phi_g, ll_g = torch.ops.mlellp.posterior_multiclass(logits.cuda(), offsets.cuda(), counts.cuda())
+    same(f"{label} posterior_multiclass phi", phi_g, phi_c, tol)
+    same(f"{label} posterior_multiclass log_lik", ll_g, ll_c, tol)
+    torch.cuda.synchronize()
+
+
 def check_rejected():
     """Bad input must raise before any kernel reads out of bounds."""
     logits = torch.randn(10, device="cuda")
@@ -82,6 +106,23 @@ def check_rejected():
         "offsets past the end": (torch.tensor([0, 4, 12], device="cuda"), torch.tensor([1, 1], device="cuda")),
         "decreasing offsets": (torch.tensor([0, 7, 4, 10], device="cuda"), torch.tensor([1, 1, 1], device="cuda")),
     }
+    logits2 = torch.randn(10, 3, device="cuda")
+    cases2 = {
+        "count vector not summing to its bag": (torch.tensor([0, 4, 10], device="cuda"),
+                                                torch.tensor([[1, 1, 1], [2, 2, 2]], device="cuda")),
+        "negative count in a vector": (torch.tensor([0, 4, 10], device="cuda"),
+                                       torch.tensor([[5, -1, 0], [2, 2, 2]], device="cuda")),
+        "bag over the state budget": (torch.tensor([0, 4, 10], device="cuda"),
+                                      torch.tensor([[2, 1, 1], [2, 2, 2]], device="cuda")),
+    }
+    for name, (offsets, counts) in cases2.items():
+        try:
+            torch.ops.mlellp.posterior_multiclass(logits2, offsets, counts, max_states=20)
+            torch.cuda.synchronize()
+            print(f"FAIL posterior_multiclass accepted: {name}", flush=True)
+            FAILURES.append(f"posterior_multiclass {name}")
+        except ValueError as err:
+            print(f"ok   posterior_multiclass rejects {name}: {str(err).splitlines()[0][:90]}", flush=True)
     for name, (offsets, counts) in cases.items():
         for op, args in (("posterior", (logits, offsets, counts)), ("phi_jvp", (logits, logits, offsets, counts))):
             try:
@@ -108,6 +149,10 @@ def main(argv=None):
         check_all_ops(f"wide bags {dtype}", logits, offsets, torch.tensor([75, 3, 140, 0, 64]), gen)
     if not args.wide_only:
         check_all_ops("no bags", torch.empty(0), torch.zeros(1, dtype=torch.long), torch.empty(0, dtype=torch.long), gen)
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            check_multiclass(f"multi-class bags {dtype}", *multiclass_bags(gen, 200, 4, dtype))
+        check_multiclass("multi-class, no bags", torch.empty(0, 3), torch.zeros(1, dtype=torch.long),
+                         torch.empty(0, 3, dtype=torch.long))
         check_rejected()
     print(f"sanitizer cases: {len(FAILURES)} failures", flush=True)
     return 1 if FAILURES else 0
