@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from .bags import bag_index, check_count_vectors
-from .ops import DEFAULT_MAX_STATES, _check_multiclass_layout_fake, _compute_dtype, posterior, posterior_multiclass
+from .ops import (DEFAULT_MAX_STATES, _check_multiclass_layout_fake, _compute_dtype, _log_softmax_exact, posterior,
+                  posterior_multiclass)
 
 
 def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, *,
@@ -57,15 +58,6 @@ def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, cou
         return _approx(logits, offsets, counts, max_iterations, float(tol))
 
 
-def _log_softmax(z):
-    """log_softmax over the last dimension, reading infinities as the op does
-    (multiclass_recursion.h, log_softmax_row): m entries of +inf share the mass."""
-    posinf = torch.isposinf(z)
-    m = posinf.sum(-1, keepdim=True)
-    certain = torch.where(posinf, -torch.log(m.clamp(min=1).to(z.dtype)), torch.full_like(z, -torch.inf))
-    return torch.where(m > 0, certain, torch.log_softmax(z.masked_fill(posinf, 0), -1))
-
-
 def _log1mexp(x):
     """log(1 - exp(x)) for x <= 0, without cancellation (-inf at x = 0)."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -83,7 +75,7 @@ def _approx(logits, offsets, counts, max_iterations, tol):
     u = z - others
     has_posinf = torch.isposinf(z).any(1, keepdim=True)
     if bool(has_posinf.any()):
-        lp = _log_softmax(z)
+        lp = _log_softmax_exact(z)
         u = torch.where(has_posinf, lp - _log1mexp(lp), u)
     # All classes in one call: class c's bags are the bags again, shifted by c * N.
     shift = (torch.arange(C, device=offsets.device) * N).repeat_interleave(B)

@@ -503,19 +503,20 @@ class _MulticlassLogLikGradFn(torch.autograd.Function):
     generate_vmap_rule = True  # its forward is plain torch ops: vmap(grad(...)) works
 
 
-def _softmax_exact(logits):
-    """softmax over the last dimension, with the op's reading of infinities: a row
-    with +inf entries puts its mass on them evenly (softmax itself gives NaN there)."""
+def _log_softmax_exact(logits):
+    """log_softmax over the last dimension, reading infinities as the op does
+    (multiclass_recursion.h, log_softmax_row): m entries of +inf share the mass
+    (log_softmax itself gives NaN there)."""
     posinf = torch.isposinf(logits)
-    certain = posinf.any(-1, keepdim=True)
-    even = posinf.to(logits.dtype) / posinf.sum(-1, keepdim=True).clamp(min=1).to(logits.dtype)
-    return torch.where(certain, even, torch.softmax(logits.masked_fill(posinf, 0), -1))
+    m = posinf.sum(-1, keepdim=True)
+    certain = torch.where(posinf, -torch.log(m.clamp(min=1).to(logits.dtype)), torch.full_like(logits, -torch.inf))
+    return torch.where(m > 0, certain, torch.log_softmax(logits.masked_fill(posinf, 0), -1))
 
 
 def _multiclass_log_lik_grad(grad_log_lik, phi, logits, offsets):
     dtype = _compute_dtype(logits.dtype)
     g = grad_log_lik.to(dtype)[bag_index(offsets, logits.shape[0])].unsqueeze(1)
-    return (g * (phi.to(dtype) - _softmax_exact(logits.to(dtype)))).to(logits.dtype)
+    return (g * (phi.to(dtype) - _log_softmax_exact(logits.to(dtype)).exp())).to(logits.dtype)
 
 
 _LOG_PMF_NOT_DIFFERENTIABLE = (
