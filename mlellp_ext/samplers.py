@@ -89,10 +89,11 @@ class BagBatchSampler(torch.utils.data.Sampler):
         Args:
             positions: the batch's positions in the order the sampler yielded them (as
                 a ``DataLoader`` returns them: 1-D integer tensor or list).
-            counts: (B,) int64 counts of all bags.
+            counts: (B,) int64 counts of all bags, or (B, C) count vectors.
 
         Returns:
-            offsets (B_batch + 1,) and counts (B_batch,), on the device of ``positions``.
+            offsets (B_batch + 1,) and counts (B_batch,) or (B_batch, C), on the device
+            of ``positions``.
 
         Raises ValueError if the positions are not whole bags, bag after bag.
         """
@@ -102,10 +103,11 @@ class BagBatchSampler(torch.utils.data.Sampler):
         if positions.dim() != 1 or positions.is_floating_point() or positions.dtype == torch.bool:
             raise ValueError(f"bag_layout: positions must be a 1-D integer tensor, got dtype {positions.dtype}, "
                              f"shape {list(positions.shape)}")
-        if not isinstance(counts, torch.Tensor) or counts.shape != (self.sizes.numel(),):
+        if not isinstance(counts, torch.Tensor) or counts.dim() not in (1, 2) \
+                or counts.shape[0] != self.sizes.numel():
             got = list(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
-            raise ValueError(f"bag_layout: counts must have shape [{self.sizes.numel()}] (one count per bag), "
-                             f"got {got}")
+            raise ValueError(f"bag_layout: counts must have shape [{self.sizes.numel()}] (one count per bag) or "
+                             f"[{self.sizes.numel()}, C] (a count vector per bag), got {got}")
         n = self._bag_of.numel()
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n):
             raise ValueError(f"bag_layout: positions must lie in [0, {n}), got values in "

@@ -29,19 +29,22 @@ def sizes(offsets):
     return (offsets[1:] - offsets[:-1]).tolist()
 
 
-def check_bags(bags: Bags, y=None):
-    """Layout invariants; with labels, counts are the positives per bag."""
+def check_bags(bags: Bags, y=None, num_classes=2):
+    """Layout invariants; with labels, counts are the positives per bag (two classes)
+    or each bag's count vector (C >= 3), counted here instance by instance."""
     assert bags.index.dtype == bags.offsets.dtype == bags.counts.dtype == torch.int64
     assert int(bags.offsets[0]) == 0 and int(bags.offsets[-1]) == len(bags.index)
     assert len(bags.counts) == len(bags.bag_ids) == len(bags.offsets) - 1
     if y is not None:
-        expect = torch.zeros(len(bags.counts), dtype=torch.int64).index_add_(0, bag_of_instance(bags), y[bags.index])
-        assert torch.equal(bags.counts, expect)
+        expect = torch.zeros(len(bags.counts), num_classes, dtype=torch.int64)
+        for b, i in zip(bag_of_instance(bags).tolist(), bags.index.tolist()):
+            expect[b, int(y[i])] += 1
+        assert torch.equal(bags.counts, expect[:, 1] if num_classes == 2 else expect)
 
 
 def check_split(ds: BagDataset):
-    check_bags(ds.train, ds.data.y)
-    check_bags(ds.test, ds.data.y)
+    check_bags(ds.train, ds.data.y, len(ds.data.classes))
+    check_bags(ds.test, ds.data.y, len(ds.data.classes))
     both = torch.cat([ds.train.index, ds.test.index])
     assert len(torch.unique(both)) == len(both)  # no instance in two bags
     assert not set(ds.train.bag_ids) & set(ds.test.bag_ids)
@@ -152,7 +155,7 @@ def test_digits():
 
 @pytest.mark.parametrize("name, option, message", [
     ("digits", dict(data_root="cifar.npz"), "--data-root cifar.npz does not apply to --dataset digits"),
-    ("digits", dict(classes="bird,cat"), "--classes bird,cat does not apply to --dataset digits"),
+    ("family-faces", dict(data_root="faces", classes="f,m"), "--classes f,m does not apply to --dataset family-faces"),
     ("digits", dict(download=True), "--download does not apply to --dataset digits"),
     ("npz", dict(data_root="x.npz", counts_file="c.csv"), "--counts-file c.csv does not apply to --dataset npz"),
     ("manifest", dict(data_root="i.csv", classes="0,1"), "--classes 0,1 does not apply to --dataset manifest"),
@@ -208,6 +211,50 @@ def test_npz_without_class_names(tmp_path):
         load_dataset("npz", data_root=path, classes="cat,1")
 
 
+def test_npz_multiclass(tmp_path):
+    path = str(tmp_path / "d.npz")
+    x, y = write_npz(path)
+    ds = load_dataset("npz", data_root=path, classes="all", bag_size=(2, 5))
+    assert ds.data.classes == ["cat", "dog", "frog"] and torch.equal(ds.data.y, torch.from_numpy(y))
+    assert ds.train.counts.shape == (len(ds.train.bag_ids), 3)
+    assert torch.equal(ds.train.counts.sum(1), ds.train.offsets.diff())
+    check_split(ds)
+    # Named order sets the labels: frog -> 0, cat -> 1, dog -> 2.
+    named = load_dataset("npz", data_root=path, classes="frog,cat,dog", bag_size=(2, 5))
+    assert named.data.classes == ["frog", "cat", "dog"]
+    assert named.data.y.tolist() == [{2: 0, 0: 1, 1: 2}[int(v)] for v in y]
+    assert torch.equal(named.train.index, ds.train.index)  # the same bags, other label order
+    check_split(named)
+    # "all" over two classes present is the binary problem.
+    two = str(tmp_path / "two.npz")
+    write_npz(two, labels=2, names=False)
+    binary = load_dataset("npz", data_root=two, classes="all", bag_size=(2, 5))
+    assert binary.data.classes == ["0", "1"] and binary.train.counts.dim() == 1
+
+
+def test_npz_test_root_multiclass_needs_the_same_classes(tmp_path):
+    train_path, test_path = str(tmp_path / "train.npz"), str(tmp_path / "test.npz")
+    write_npz(train_path, names=False)
+    write_npz(test_path, labels=2, names=False)
+    with pytest.raises(DataError, match=r"test\.npz: classes \['0', '1'\] differ from \['0', '1', '2'\]"):
+        load_dataset("npz", data_root=train_path, test_root=test_path, classes="all")
+    write_npz(test_path, seed=3, names=False)
+    ds = load_dataset("npz", data_root=train_path, test_root=test_path, classes="all", bag_size=(2, 3))
+    assert ds.test.counts.shape[1] == 3
+    check_split(ds)
+
+
+def test_digits_classes():
+    ds = load_dataset("digits", classes="all", bag_size=(4, 8))
+    assert ds.data.classes == [str(k) for k in range(10)] and ds.train.counts.shape[1] == 10
+    check_split(ds)
+    pair = load_dataset("digits", classes="3,8")
+    assert pair.data.classes == ["3", "8"] and pair.train.counts.dim() == 1 and len(pair.data.y) < 400
+    check_split(pair)
+    with pytest.raises(DataError, match="digits: class '10' has no instances"):
+        load_dataset("digits", classes="1,10")
+
+
 def test_npz_errors(tmp_path):
     path = str(tmp_path / "d.npz")
     write_npz(path)
@@ -215,8 +262,10 @@ def test_npz_errors(tmp_path):
         load_dataset("npz", data_root=path)
     with pytest.raises(DataError, match=r"class 'horse' is unknown; available names: cat, dog, frog"):
         load_dataset("npz", data_root=path, classes="cat,horse")
-    with pytest.raises(DataError, match="two classes"):
+    with pytest.raises(DataError, match="'all' or two or more classes.*got 'cat'"):
         load_dataset("npz", data_root=path, classes="cat")
+    with pytest.raises(DataError, match="names the same class twice.*'2'"):
+        load_dataset("npz", data_root=path, classes="cat,frog,2")
     with pytest.raises(DataError, match="not found"):
         load_dataset("npz", data_root=str(tmp_path / "missing.npz"))
 
@@ -371,6 +420,42 @@ def test_manifest_without_labels(tmp_path):
 def test_manifest_errors(tmp_path, instances, counts, match):
     inst, cnt = write_manifest(tmp_path, instances, counts)
     (tmp_path / "img" / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match=match):
+        load_manifest(inst, cnt)
+
+
+MULTI_INSTANCES = ("path,bag,label\nimg/a.png,b1,cat\nimg/b.png,b1,dog\nimg/c.png,b2,2\n"
+                   "img/big.png,b2,Cow\nimg/d.png,b3,dog\n")
+MULTI_COUNTS = "bag,cat,dog,Cow\nb1,1,1,0\nb2,0,0,2\nb3,0,1,0\n"
+
+
+def test_manifest_multiclass(tmp_path):
+    inst, counts = write_manifest(tmp_path, MULTI_INSTANCES, MULTI_COUNTS)
+    ds = load_manifest(inst, counts, test_fraction=0.0)
+    # The header names the classes, as written; labels by name or number.
+    assert ds.data.classes == ["cat", "dog", "Cow"] and ds.data.y.tolist() == [0, 1, 2, 2, 1]
+    assert ds.train.counts.tolist() == [[1, 1, 0], [0, 0, 2], [0, 1, 0]]
+    check_split(ds)
+    # Two class columns are the binary problem: counts of the second class.
+    inst, counts = write_manifest(tmp_path, "path,bag,label\nimg/a.png,x,cat\nimg/b.png,x,dog\n", "bag,cat,dog\nx,1,1\n")
+    two = load_manifest(inst, counts, test_fraction=0.0)
+    assert two.data.classes == ["cat", "dog"] and two.train.counts.tolist() == [1] and two.data.y.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("instances,counts,match", [
+    (MULTI_INSTANCES, "bag,cat,dog,Cow\nb1,1,0,0\nb2,0,0,2\nb3,0,1,0\n",
+     r"counts\.csv, line 2: the counts of bag 'b1' sum to 1, but it has 2 instances"),
+    (MULTI_INSTANCES, "bag,cat,dog,Cow\nb1,1,1,0\nb2,0,x,2\nb3,0,1,0\n",
+     r"counts\.csv, line 3: count of class 'dog' 'x' for bag 'b2' is not an integer"),
+    (MULTI_INSTANCES, "bag,cat,dog,Cow\nb1,1,1,0\nb2,-1,1,2\nb3,0,1,0\n",
+     r"counts\.csv, line 3: count of class 'cat' -1 for bag 'b2' is negative"),
+    (MULTI_INSTANCES.replace("b3,dog", "b3,horse"), MULTI_COUNTS,
+     r"inst\.csv, line 6: label must be a class name \(cat, dog, Cow\) or its number 0..2, got 'horse'"),
+    (MULTI_INSTANCES, "bag,cat,cat\nb1,1,1\n", r"counts\.csv, line 1: column 'cat' appears twice"),
+    (MULTI_INSTANCES, "bag,cat\nb1,2\n", r"counts\.csv, line 1: missing column 'count'.*bag,CLASS1,CLASS2"),
+])
+def test_manifest_multiclass_errors(tmp_path, instances, counts, match):
+    inst, cnt = write_manifest(tmp_path, instances, counts)
     with pytest.raises(DataError, match=match):
         load_manifest(inst, cnt)
 

@@ -89,3 +89,25 @@ def test_package_does_not_import_experiments():
                     names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                         [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                     assert not any(n.split(".")[0] == "experiments" for n in names), (f, names)
+
+
+def test_cifar10_multiclass_runs_and_summarises(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "experiment_multiclass", os.path.join(ROOT, "experiments", "cifar10_multiclass", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(1)
+    data = tmp_path / "three.npz"
+    np.savez(data, x=rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 3, 96),
+             classes=np.array(["a", "b", "c"]))
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--runs", str(tmp_path / "runs"), "--data", str(data), "--bag-size", "8", "--epochs", "2",
+                     "--width", "0.125"])
+    finally:
+        torch.set_num_threads(threads)
+    module.main(["--runs", str(tmp_path / "runs"), "--summarise", str(tmp_path / "doc")])
+    rows = (tmp_path / "doc" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(",True" in r for r in rows[1:])
+    assert (tmp_path / "doc" / "accuracy.png").exists()
+    assert (tmp_path / "doc" / "bags8-s0-mle" / "metrics.csv").exists()

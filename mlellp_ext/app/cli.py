@@ -22,7 +22,7 @@ import sys
 from .data import DATASETS, DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION
 from .methods import ESTEP_MODES, METHODS
 from .models import BACKBONES
-from .train import LR_SCHEDULES, TrainConfig
+from .train import LR_SCHEDULES, MULTICLASS_ESTEPS, TrainConfig
 
 # train's defaults are TrainConfig's (one place for each).
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
@@ -41,15 +41,20 @@ def _add_data_options(p, defaults: bool):
                    help="digits: scikit-learn's bundled digits (label: digit >= 5); npz: --data-root FILE.npz "
                         "(x uint8 NxHxWxC, y); cifar10: torchvision CIFAR10 under --data-root; family-faces: a folder "
                         "of BAGID-...{f|m}.EXT crops; manifest: --data-root instances.csv (path,bag[,label]) "
-                        "with --counts-file counts.csv (bag,count)")
+                        "with --counts-file counts.csv (bag,count; or bag,CLASS1,...,CLASSC, a count per class)")
     g.add_argument("--data-root", default=None, help="file or folder of the dataset (not for digits)")
-    g.add_argument("--classes", default=None, help="npz, cifar10: two classes A,B when the labels have more (A -> 0, B -> 1)")
+    g.add_argument("--classes", default=None,
+                   help="digits, npz, cifar10: two classes A,B (A -> 0, B -> 1; a binary problem, counts of B), "
+                        "three or more A,B,C,... or 'all' (a C-way classifier from count vectors); by name or "
+                        "label value. digits without it: label 1 = digit >= 5")
     g.add_argument("--download", action="store_true", default=None if not defaults else False,
                    help="cifar10: allow torchvision to download CIFAR-10 (never done otherwise)")
     g.add_argument("--test-root", default=None,
                    help="test bags from separate data instead of a split: npz: a second .npz file; cifar10: "
                         "'official' (the CIFAR-10 test set); then every bag of --data-root trains")
-    g.add_argument("--counts-file", default=None, help="manifest: CSV of bag counts (bag,count)")
+    g.add_argument("--counts-file", default=None,
+                   help="manifest: CSV of bag counts: bag,count (two classes) or bag,CLASS1,...,CLASSC (the header "
+                        "names the classes; each row sums to its bag's size)")
     g.add_argument("--bag-size", default=None,
                    help="digits, npz, cifar10: random bag sizes LO:HI, uniform" + dflt(":".join(map(str, DEFAULT_BAG_SIZE))) +
                         "; family-faces and manifest bags are given")
@@ -84,6 +89,10 @@ def build_parser():
     t.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
     t.add_argument("--estep", choices=ESTEP_MODES, default=DEFAULTS["estep"],
                    help="E-step logits: fresh inference pass (exact EM) or recorded during the M-step")
+    t.add_argument("--multiclass-estep", choices=MULTICLASS_ESTEPS, default=DEFAULTS["multiclass_estep"],
+                   help="--method mle with count vectors: exact E-step (an error for a bag over the state budget of "
+                        "2^24 count vectors), approx (per-class posteriors fitted to the counts), or auto (exact "
+                        "where the budget allows, approximate beyond; each epoch says how many bags)")
     t.add_argument("--tol", type=float, default=DEFAULTS["tol"],
                    help="EM stops when |change of mean bag log-likelihood| < tol")
     t.add_argument("--gan-weight", type=float, default=DEFAULTS["gan_weight"],
@@ -208,7 +217,7 @@ def _score(model, dataset, bags, batch_size, whole):
     import torch
 
     from .batches import infer_logits
-    from .train import instance_metrics, metrics_from_logits
+    from .train import instance_metrics, metrics_from_logits, probabilities
 
     preprocess = _preprocess(model, dataset)
     index = torch.arange(dataset.data.x.shape[0]) if whole else bags.index
@@ -218,8 +227,8 @@ def _score(model, dataset, bags, batch_size, whole):
         metrics["n_bag_instances"] = metrics["n_instances"]
         return metrics, prob, expected, index
     metrics, _, expected = metrics_from_logits(logits[bags.index], dataset.data, bags)
-    prob = torch.sigmoid(logits)
-    metrics.update(instance_metrics(prob, dataset.data.y), n_instances=int(index.numel()),
+    prob = probabilities(logits)
+    metrics.update(instance_metrics(prob, dataset.data.y, dataset.data.classes), n_instances=int(index.numel()),
                    n_bag_instances=int(bags.index.numel()))
     return metrics, prob, expected, index
 
@@ -236,9 +245,15 @@ def _evaluate(args):
     metrics, _, _, _ = _score(model, dataset, bags, args.batch_size, whole)
     metrics["split"] = "all" if whole else (args.split or "test")
     metrics["data"] = "other" if whole else "the model's"
-    # Strict JSON: a metric that is undefined here (no labels, one class only) is null, not NaN.
-    metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
-    print(json.dumps(metrics, indent=2, allow_nan=False))
+    metrics["classes"] = list(dataset.data.classes)
+    print(json.dumps(_strict(metrics), indent=2, allow_nan=False))
+
+
+def _strict(value):
+    """For strict JSON: a metric that is undefined here (no labels, one class only) is null, not NaN."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _predict(args):
@@ -258,18 +273,29 @@ def _predict(args):
     bag_of = torch.full((dataset.data.x.shape[0],), -1, dtype=torch.int64)
     bag_of[bags.index] = bag_index(bags.offsets, bags.index.numel())
     y = dataset.data.y
+    classes = list(dataset.data.classes)
+    multi = prob.dim() == 2  # C >= 3 classes: a probability and an expected count per class
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["instance", "bag", "probability"] + (["label"] if y is not None else []))
+        w.writerow(["instance", "bag"] + ([f"p_{c}" for c in classes] if multi else ["probability"])
+                   + (["label"] if y is not None else []))
         for pos, i in enumerate(index.tolist()):
             b = int(bag_of[i])
-            w.writerow([i, bags.bag_ids[b] if b >= 0 else "", f"{float(prob[pos]):.6f}"]
-                       + ([int(y[i])] if y is not None else []))
+            p = [f"{v:.6f}" for v in prob[pos].tolist()] if multi else [f"{float(prob[pos]):.6f}"]
+            w.writerow([i, bags.bag_ids[b] if b >= 0 else ""] + p
+                       + ([classes[int(y[i])] if multi else int(y[i])] if y is not None else []))
     with open(bag_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["bag", "size", "count", "expected_count"])
+        if multi:
+            w.writerow(["bag", "size"] + [f"count_{c}" for c in classes] + [f"expected_{c}" for c in classes])
+        else:
+            w.writerow(["bag", "size", "count", "expected_count"])
         for b in range(sizes.numel()):
-            w.writerow([bags.bag_ids[b], int(sizes[b]), int(bags.counts[b]), f"{float(expected[b]):.4f}"])
+            if multi:
+                w.writerow([bags.bag_ids[b], int(sizes[b])] + bags.counts[b].tolist()
+                           + [f"{v:.4f}" for v in expected[b].tolist()])
+            else:
+                w.writerow([bags.bag_ids[b], int(sizes[b]), int(bags.counts[b]), f"{float(expected[b]):.4f}"])
     print(f"wrote {args.out} ({index.numel()} instances) and {bag_path} ({sizes.numel()} bags)",
           file=sys.stderr)
 

@@ -3,16 +3,23 @@
 ``load_dataset(name, ...)`` returns a :class:`BagDataset`: every instance in one
 :class:`InstanceData`, and train and test :class:`Bags` that index into it in
 the ragged layout of :mod:`mlellp_ext.bags` (``offsets`` of length B + 1) plus
-the number of positives per bag, which is all a learner from label proportions
-may see. Instance labels, where known, are kept for evaluation only.
+each bag's counts, which is all a learner from label proportions may see: the
+number of positives (B,) with two classes, a count vector (B, C) with C >= 3
+(``len(InstanceData.classes)`` tells which). Instance labels, where known, are
+kept for evaluation only.
 
 Datasets:
 
-* ``digits``: scikit-learn's bundled 8x8 digits (no download); label 1 = digit >= 5.
+* ``digits``: scikit-learn's bundled 8x8 digits (no download); label 1 = digit >= 5,
+  or the digits named by ``classes`` ("3,8", "0,1,2", "all").
 * ``npz``: a .npz file with ``x`` (N, H, W[, C]) uint8, ``y`` (N,) and optional ``classes``.
 * ``cifar10``: torchvision's CIFAR-10 training set; ``classes="bird,cat"`` picks two.
 * ``family-faces``: a folder of face crops ``BAGID-<anything>{f|m}.jpg``; a bag per BAGID.
-* ``manifest``: your own images: an instances CSV ``path,bag[,label]`` and a counts CSV ``bag,count``.
+* ``manifest``: your own images: an instances CSV ``path,bag[,label]`` and a counts CSV
+  ``bag,count`` (two classes) or ``bag,CLASS1,...,CLASSC`` (a column per class).
+
+``classes`` (digits, npz, cifar10) names two classes (A -> 0, B -> 1), three or
+more (a C-way problem, labels in the order named) or ``all`` (every class present).
 
 ``digits``, ``npz`` and ``cifar10`` form bags of uniform random sizes drawn
 without replacement; all datasets then split whole bags into train and test.
@@ -68,8 +75,8 @@ class DataError(ValueError):
 @dataclass
 class InstanceData:
     x: torch.Tensor  # images: uint8 (N, C, H, W); or float32 (N, C, H, W) for digits
-    y: torch.Tensor | None  # int64 (N,) instance labels in {0, 1}; None when unknown
-    classes: list[str]  # names of label 0 and label 1
+    y: torch.Tensor | None  # int64 (N,) instance labels in 0..C-1; None when unknown
+    classes: list[str]  # names of labels 0..C-1 (C = 2: a binary problem, counts of label 1)
     is_rgb: bool  # True for 3-channel natural images (augmentation applies)
     source: str  # human-readable description of where the data came from
 
@@ -78,7 +85,7 @@ class InstanceData:
 class Bags:
     index: torch.Tensor  # int64 (M,) instance indices into InstanceData, bag after bag
     offsets: torch.Tensor  # int64 (B+1,), offsets[0]=0, bag b = index[offsets[b]:offsets[b+1]]
-    counts: torch.Tensor  # int64 (B,) number of positives per bag
+    counts: torch.Tensor  # int64 (B,) positives per bag with 2 classes; (B, C) count vectors with C >= 3
     bag_ids: list[str]  # (B,) a name per bag (str(b) for random bags, the given id otherwise)
 
 
@@ -194,18 +201,22 @@ def parse_bag_size(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _bag_counts(y: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Positives per bag: sum of y over each bag's instances."""
+def _bag_counts(y: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
+    """What a learner may see of each bag's labels: its number of positives (B,) for two
+    classes, its count vector (B, C) for C >= 3 (``counts[b, c]``: instances of class c)."""
     sizes = sizes_from_offsets(offsets)
     bag = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), sizes)
-    return torch.zeros(len(sizes), dtype=torch.int64).index_add_(0, bag, y[index])
+    if num_classes == 2:
+        return torch.zeros(len(sizes), dtype=torch.int64).index_add_(0, bag, y[index])
+    one_hot = torch.nn.functional.one_hot(y[index], num_classes)
+    return torch.zeros(len(sizes), num_classes, dtype=torch.int64).index_add_(0, bag, one_hot)
 
 
-def _random_labelled_bags(y: torch.Tensor, lo_hi, num_bags, generator, start: int = 0,
+def _random_labelled_bags(y: torch.Tensor, lo_hi, num_bags, generator, num_classes: int = 2, start: int = 0,
                           first_id: int = 0) -> Bags:
     """Random bags over instances ``start .. start + len(y) - 1`` with counts from ``y``."""
     index, offsets = random_bags(len(y), num_bags, lo_hi, generator)
-    counts = _bag_counts(y, index, offsets)
+    counts = _bag_counts(y, index, offsets, num_classes)
     ids = [str(first_id + b) for b in range(len(offsets) - 1)]
     return Bags(index=index + start, offsets=offsets, counts=counts, bag_ids=ids)
 
@@ -214,51 +225,70 @@ def _random_labelled_bags(y: torch.Tensor, lo_hi, num_bags, generator, start: in
 # Labels and arrays
 
 
-def _parse_class_pair(classes: str) -> list[str]:
+def _parse_classes(classes: str) -> list[str] | None:
+    """``"A,B[,C...]"`` -> the names; ``"all"`` -> None (every class present)."""
+    if str(classes).strip().lower() == "all":
+        return None
     parts = [p.strip() for p in str(classes).split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise DataError(f"--classes must be two classes separated by a comma (e.g. bird,cat), got {classes!r}")
-    if parts[0] == parts[1]:
-        raise DataError(f"--classes must name two different classes, got {classes!r}")
+    if len(parts) < 2 or not all(parts):
+        raise DataError(f"--classes must be 'all' or two or more classes separated by commas "
+                        f"(e.g. bird,cat or airplane,bird,cat), got {classes!r}")
     return parts
 
 
-def _binary_labels(y: np.ndarray, names: list[str] | None, classes: str | None, where: str):
-    """Pick the instances of two classes and relabel them 0/1.
+def _select_classes(y: np.ndarray, names: list[str] | None, classes: str | None, where: str):
+    """Pick the instances of the classes named by ``classes`` and relabel them 0..C-1.
 
-    Returns ``(keep, y01, class_names)``: indices of the kept instances, their
-    labels (first class -> 0, second -> 1) and the two class names. A class is
-    named by its name in ``names`` or by its integer label value.
+    Returns ``(keep, labels, class_names)``: indices of the kept instances, their
+    labels (the i-th class named -> i) and the C class names. A class is named by
+    its name in ``names`` or by its integer label value; ``"all"`` keeps every
+    class present, in label order. ``None`` requires the labels to be 0/1
+    already (a binary dataset). C = 2 is the binary problem (label 1 = the
+    second class); C >= 3 trains a C-way classifier from count vectors.
     """
     present = np.unique(y).tolist()
+    shown = ", ".join(str(v) for v in present[:20]) + (", ..." if len(present) > 20 else "")
     if classes is None:
         if not set(present) <= {0, 1}:
-            shown = ", ".join(str(v) for v in present[:20]) + (", ..." if len(present) > 20 else "")
-            raise DataError(f"{where}: labels are not binary 0/1 (found {shown}); "
-                            f"pass --classes A,B to pick two classes")
+            raise DataError(f"{where}: labels are not binary 0/1 (found {shown}); pass --classes A,B to pick "
+                            f"two classes, or --classes all (or three or more names) for multi-class bags")
         cls = [str(names[0]), str(names[1])] if names is not None and len(names) >= 2 else ["0", "1"]
         return np.arange(len(y)), y.astype(np.int64), cls
-    values, cls = [], []
-    for part in _parse_class_pair(classes):
-        if names is not None and part in names:
-            v = names.index(part)
-        elif re.fullmatch(r"[+-]?\d+", part):
-            v = int(part)
-        else:
-            v = None
-        if v is None or v not in present:
-            if names is not None:
-                avail = "available names: " + ", ".join(names)
+    parts = _parse_classes(classes)
+    if parts is None:
+        if len(present) < 2:
+            raise DataError(f"{where}: --classes all needs at least two classes, found only {shown}")
+        values = present
+    else:
+        values = []
+        for part in parts:
+            if names is not None and part in names:
+                v = names.index(part)
+            elif re.fullmatch(r"[+-]?\d+", part):
+                v = int(part)
             else:
-                avail = "available label values: " + ", ".join(str(p) for p in present)
-            what = "has no instances" if v is not None else "is unknown"
-            raise DataError(f"{where}: class {part!r} {what}; {avail}")
-        values.append(v)
-        cls.append(str(names[v]) if names is not None and 0 <= v < len(names) else part)
-    if values[0] == values[1]:
-        raise DataError(f"{where}: --classes {classes!r} names the same class twice")
-    keep = np.flatnonzero((y == values[0]) | (y == values[1]))
-    return keep, (y[keep] == values[1]).astype(np.int64), cls
+                v = None
+            if v is None or v not in present:
+                if names is not None:
+                    avail = "available names: " + ", ".join(names)
+                else:
+                    avail = "available label values: " + shown
+                what = "has no instances" if v is not None else "is unknown"
+                raise DataError(f"{where}: class {part!r} {what}; {avail}")
+            if v in values:
+                raise DataError(f"{where}: --classes {classes!r} names the same class twice ({part!r})")
+            values.append(v)
+    cls = [str(names[v]) if names is not None and 0 <= v < len(names) else str(v) for v in values]
+    lookup = np.full(max(values) - min(min(values), 0) + 1, -1, dtype=np.int64)
+    lookup[np.asarray(values) - min(min(values), 0)] = np.arange(len(values))
+    keep = np.flatnonzero(np.isin(y, values))
+    return keep, lookup[y[keep] - min(min(values), 0)], cls
+
+
+def _describe_classes(cls: list[str]) -> str:
+    """'bird (0) and cat (1)', or 'airplane (0), ..., truck (9)' for many classes."""
+    named = [f"{c} ({i})" for i, c in enumerate(cls)]
+    return " and ".join(named) if len(cls) == 2 else ", ".join(named)
 
 
 def _images_nchw(x: np.ndarray, where: str) -> torch.Tensor:
@@ -273,7 +303,7 @@ def _images_nchw(x: np.ndarray, where: str) -> torch.Tensor:
 
 
 def _load_npz(path: str, classes: str | None):
-    """(x uint8 NCHW, y int64 0/1, class names, whether the file names its classes) from a .npz."""
+    """(x uint8 NCHW, y int64 0..C-1, class names, whether the file names its classes) from a .npz."""
     if not path:
         raise DataError("the npz dataset needs --data-root pointing to a .npz file")
     if not os.path.isfile(path):
@@ -294,13 +324,13 @@ def _load_npz(path: str, classes: str | None):
     if len(y) != len(x):
         raise DataError(f"{path}: x has {len(x)} images but y has {len(y)} labels")
     names = [str(c) for c in arrays["classes"].reshape(-1).tolist()] if "classes" in arrays else None
-    keep, y01, cls = _binary_labels(y.astype(np.int64), names, classes, path)
+    keep, labels, cls = _select_classes(y.astype(np.int64), names, classes, path)
     if len(keep) == 0:
         raise DataError(f"{path}: no instances")
     xt = _images_nchw(x, path)
     if len(keep) != len(y):
         xt = xt[torch.from_numpy(keep)]
-    return xt, torch.from_numpy(y01), cls, names is not None
+    return xt, torch.from_numpy(labels), cls, names is not None
 
 
 # ---------------------------------------------------------------------------
@@ -329,19 +359,24 @@ def _stack_nchw(images: list[np.ndarray]) -> torch.Tensor:
 # Datasets
 
 
-def _load_digits():
+def _load_digits(classes: str | None = None):
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.from_numpy((d.images.astype(np.float32) / 16.0)[:, None])
-    y = torch.from_numpy((d.target >= 5).astype(np.int64))
-    return InstanceData(x=x, y=y, classes=["digit<5", "digit>=5"], is_rgb=False,
-                        source=f"scikit-learn load_digits: {len(y)} 8x8 digit images, label 1 = digit >= 5")
+    if classes is None:
+        y = torch.from_numpy((d.target >= 5).astype(np.int64))
+        return InstanceData(x=x, y=y, classes=["digit<5", "digit>=5"], is_rgb=False,
+                            source=f"scikit-learn load_digits: {len(y)} 8x8 digit images, label 1 = digit >= 5")
+    where = "digits"
+    keep, y, cls = _select_classes(d.target.astype(np.int64), [str(k) for k in range(10)], classes, where)
+    return InstanceData(x=x[torch.from_numpy(keep)], y=torch.from_numpy(y), classes=cls, is_rgb=False,
+                        source=f"scikit-learn load_digits: {len(keep)} 8x8 images of the digits {', '.join(cls)}")
 
 
 def _load_cifar10(root: str | None, classes: str | None, download: bool, train: bool = True):
     if not classes:
-        raise DataError("cifar10 needs --classes A,B naming two CIFAR-10 classes (e.g. bird,cat)")
+        raise DataError("cifar10 needs --classes: two CIFAR-10 classes A,B (e.g. bird,cat), three or more, or all")
     if not root:
         raise DataError("cifar10 needs --data-root, the folder that holds (or will hold) cifar-10-batches-py")
     from torchvision.datasets import CIFAR10
@@ -355,9 +390,9 @@ def _load_cifar10(root: str | None, classes: str | None, download: bool, train: 
     except Exception as e:  # noqa: BLE001  (network errors when downloading)
         raise DataError(f"{root}: could not load CIFAR-10 ({type(e).__name__}: {e})") from e
     where = f"CIFAR-10 in {root}"
-    keep, y01, cls = _binary_labels(np.asarray(ds.targets, dtype=np.int64), list(ds.classes), classes, where)
+    keep, labels, cls = _select_classes(np.asarray(ds.targets, dtype=np.int64), list(ds.classes), classes, where)
     x = _images_nchw(np.asarray(ds.data)[keep], where)
-    return x, torch.from_numpy(y01), cls
+    return x, torch.from_numpy(labels), cls
 
 
 def _face_files(root: str | None):
@@ -407,8 +442,10 @@ def _load_family_faces(root, num_bags):
     return data, bags
 
 
-def _read_csv(path: str, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()):
-    """Header column positions and ``[(line, fields)]`` of a CSV; blank rows skipped.
+def _read_csv(path: str, what: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
+              all_columns: bool = False):
+    """Header column positions and ``[(line, fields)]`` of a CSV; blank rows skipped
+    (with ``all_columns``, also the header's names as written).
 
     Line numbers are 1-based with the header as line 1, as an editor shows them.
     """
@@ -429,18 +466,58 @@ def _read_csv(path: str, what: str, required: tuple[str, ...], optional: tuple[s
     expected = ",".join(required) + "".join(f"[,{c}]" for c in optional)
     if header is None:
         raise DataError(f"{path}, line 1: empty file, expected a header row {expected}")
-    header = [h.strip().lower() for h in header]
+    names = [h.strip() for h in header]
+    header = [h.lower() for h in names]
     for col in required:
         if col not in header:
             raise DataError(f"{path}, line 1: missing column {col!r} in the header "
                             f"(found {','.join(header)}; expected {expected})")
+    seen = set()
+    for h in header:
+        if h in seen:
+            raise DataError(f"{path}, line 1: column {h!r} appears twice in the header")
+        seen.add(h)
     cols = {c: header.index(c) for c in required + optional if c in header}
+    if all_columns:
+        return cols, rows, names
     return cols, rows
 
 
 def _field(fields: list[str], cols: dict[str, int], name: str) -> str:
     i = cols[name]
     return fields[i] if i < len(fields) else ""
+
+
+def _count_columns(counts_path: str):
+    """The counts CSV's rows and layout: ``(cols, rows, class_columns, classes)``.
+    ``bag,count`` is two classes named 0 and 1 (count = instances of 1); otherwise
+    every column but ``bag`` is a class, named by its header (two or more)."""
+    cols, rows, names = _read_csv(counts_path, "counts", ("bag",), all_columns=True)
+    lower = [n.lower() for n in names]
+    if "count" in lower:
+        return cols, rows, [lower.index("count")], ["0", "1"]
+    class_cols = [i for i, n in enumerate(lower) if n != "bag"]
+    if len(class_cols) < 2:
+        raise DataError(f"{counts_path}, line 1: missing column 'count' in the header (found {','.join(names)}; "
+                        f"expected bag,count for two classes or bag,CLASS1,CLASS2,... for a count per class)")
+    for i in class_cols:
+        if not names[i]:
+            raise DataError(f"{counts_path}, line 1: column {i + 1} has no class name")
+    return cols, rows, class_cols, [names[i] for i in class_cols]
+
+
+def _parse_label(text: str, classes: list[str], where: str) -> int | None:
+    """An instances CSV label: '' (unknown), a class name, or a label value 0..C-1."""
+    if text == "":
+        return None
+    if text in classes:
+        return classes.index(text)
+    if re.fullmatch(r"\d+", text) and int(text) < len(classes):
+        return int(text)
+    if classes == ["0", "1"]:
+        raise DataError(f"{where}: label must be 0 or 1, got {text!r}")
+    raise DataError(f"{where}: label must be a class name ({', '.join(classes)}) or its number "
+                    f"0..{len(classes) - 1}, got {text!r}")
 
 
 def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
@@ -452,10 +529,11 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
     if not csv_path:
         raise DataError("manifest needs --data-root, an instances CSV with columns path,bag[,label]")
     if not counts_path:
-        raise DataError("manifest needs --counts-file, a CSV with columns bag,count")
+        raise DataError("manifest needs --counts-file, a CSV with columns bag,count (or bag,CLASS1,CLASS2,...)")
     cols, rows = _read_csv(csv_path, "instances", ("path", "bag"), ("label",))
     if not rows:
         raise DataError(f"{csv_path}: no instances after the header")
+    ccols, crows, class_cols, classes = _count_columns(counts_path)
     base = os.path.dirname(os.path.abspath(csv_path))
     paths, lines, labels, bag_of = [], [], [], []
     first_line: dict[str, int] = {}
@@ -466,9 +544,8 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
             raise DataError(f"{csv_path}, line {line}: empty path")
         if not bag:
             raise DataError(f"{csv_path}, line {line}: empty bag")
-        label = _field(fields, cols, "label") if "label" in cols else ""
-        if label not in ("", "0", "1"):
-            raise DataError(f"{csv_path}, line {line}: label must be 0 or 1, got {label!r}")
+        label = _parse_label(_field(fields, cols, "label") if "label" in cols else "", classes,
+                             f"{csv_path}, line {line}")
         full = rel if os.path.isabs(rel) else os.path.join(base, rel)
         if not os.path.isfile(full):
             raise DataError(f"{csv_path}, line {line}: image {rel!r} not found (looked for {full})")
@@ -479,27 +556,34 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
         labels.append(label)
         bag_of.append(bag)
 
-    ccols, crows = _read_csv(counts_path, "counts", ("bag", "count"))
-    counts: dict[str, int] = {}
+    counts: dict[str, list[int]] = {}
     count_line: dict[str, int] = {}
     for line, fields in crows:
-        bag, text = _field(fields, ccols, "bag"), _field(fields, ccols, "count")
+        bag = _field(fields, ccols, "bag")
         where = f"{counts_path}, line {line}"
         if not bag:
             raise DataError(f"{where}: empty bag")
         if bag in counts:
             raise DataError(f"{where}: bag {bag!r} is listed twice (first on line {count_line[bag]})")
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise DataError(f"{where}: count {text!r} for bag {bag!r} is not an integer")
-        count = int(text)
-        if count < 0:
-            raise DataError(f"{where}: count {count} for bag {bag!r} is negative")
         if bag not in members:
             raise DataError(f"{where}: bag {bag!r} has no instances in {csv_path}")
-        if count > len(members[bag]):
-            raise DataError(f"{where}: count {count} for bag {bag!r} is larger than its "
-                            f"{len(members[bag])} instances")
-        counts[bag] = count
+        size = len(members[bag])
+        vector = []
+        for i, name in zip(class_cols, classes if len(class_cols) > 1 else ["count"]):
+            text = fields[i] if i < len(fields) else ""
+            what = "count" if len(class_cols) == 1 else f"count of class {name!r}"
+            if not re.fullmatch(r"[+-]?\d+", text):
+                raise DataError(f"{where}: {what} {text!r} for bag {bag!r} is not an integer")
+            count = int(text)
+            if count < 0:
+                raise DataError(f"{where}: {what} {count} for bag {bag!r} is negative")
+            if count > size:
+                raise DataError(f"{where}: {what} {count} for bag {bag!r} is larger than its {size} instances")
+            vector.append(count)
+        if len(vector) > 1 and sum(vector) != size:
+            raise DataError(f"{where}: the counts of bag {bag!r} sum to {sum(vector)}, but it has {size} "
+                            f"instances in {csv_path} (every instance is of exactly one class)")
+        counts[bag] = vector
         count_line[bag] = line
     for bag, line in first_line.items():
         if bag not in counts:
@@ -519,14 +603,17 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
         if size is None:
             size = (img.shape[1], img.shape[0])
         images.append(img)
-    has_labels = all(labels[i] != "" for i in order)
-    y = torch.tensor([int(labels[i]) for i in order], dtype=torch.int64) if has_labels else None
+    has_labels = all(labels[i] is not None for i in order)
+    y = torch.tensor([labels[i] for i in order], dtype=torch.int64) if has_labels else None
     sizes = torch.tensor([len(members[b]) for b in bag_order], dtype=torch.int64)
+    count_tensor = torch.tensor([counts[b] for b in bag_order], dtype=torch.int64)
+    # Two classes: the count of the second (label 1), as for every binary dataset.
+    count_tensor = count_tensor[:, -1].contiguous() if len(classes) == 2 else count_tensor
     bags = Bags(index=torch.arange(len(order), dtype=torch.int64), offsets=offsets_from_sizes(sizes),
-                counts=torch.tensor([counts[b] for b in bag_order], dtype=torch.int64), bag_ids=bag_order)
-    data = InstanceData(x=_stack_nchw(images), y=y, classes=["0", "1"], is_rgb=True,
+                counts=count_tensor, bag_ids=bag_order)
+    data = InstanceData(x=_stack_nchw(images), y=y, classes=classes, is_rgb=True,
                         source=f"manifest {csv_path} with counts {counts_path}: {len(order)} images in "
-                               f"{len(bag_order)} bags, {size[1]}x{size[0]}")
+                               f"{len(bag_order)} bags, {size[1]}x{size[0]}, classes {', '.join(classes)}")
     return data, bags
 
 
@@ -541,7 +628,8 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
         data_root: the .npz file (npz), CIFAR-10 folder (cifar10), faces folder
             (family-faces) or instances CSV (manifest); must be None for digits.
         classes: ``"A,B"``: keep classes A (label 0) and B (label 1), by name or label
-            value (npz and cifar10 only).
+            value; ``"A,B,C,..."``: a multi-class problem over those classes, labels in
+            that order; ``"all"``: every class present (digits, npz and cifar10 only).
         download: allow torchvision to download CIFAR-10 (cifar10 only); nothing else
             downloads.
         bag_size: ``(lo, hi)`` inclusive range of random bag sizes (digits, npz,
@@ -556,7 +644,7 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
         test_root: npz: a second .npz whose random bags are the test set (then
             all bags of ``data_root`` train); cifar10: ``"official"`` takes test
             bags from the CIFAR-10 test set.
-        counts_file: manifest: CSV ``bag,count``.
+        counts_file: manifest: CSV ``bag,count``, or ``bag,CLASS1,...,CLASSC`` (a count per class).
 
     An option given to a dataset that does not use it raises DataError.
     """
@@ -567,7 +655,7 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
     # `--dataset npz` would otherwise train on the default digits without a word.
     sizes = None if bag_size is None else ":".join(str(v) for v in bag_size)
     for option, value, takers in (("--data-root", data_root, ("npz", "cifar10", "family-faces", "manifest")),
-                                  ("--classes", classes, ("npz", "cifar10")),
+                                  ("--classes", classes, ("digits", "npz", "cifar10")),
                                   ("--counts-file", counts_file, ("manifest",)),
                                   ("--download", download or None, ("cifar10",)),
                                   ("--bag-size", sizes, ("digits", "npz", "cifar10"))):
@@ -584,30 +672,30 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
         bag_size = _check_size_range(DEFAULT_BAG_SIZE if bag_size is None else bag_size)
 
     if name == "digits":
-        data = _load_digits()
-        bags = _random_labelled_bags(data.y, bag_size, num_bags, gen)
+        data = _load_digits(classes)
+        bags = _random_labelled_bags(data.y, bag_size, num_bags, gen, len(data.classes))
         train, test = split_bags(bags, test_fraction, gen)
         return BagDataset(data=data, train=train, test=test)
 
     if name in ("npz", "cifar10"):
         if name == "npz":
             x, y, cls, named = _load_npz(data_root, classes)
-            source = f"npz file {data_root}: {len(y)} images of {cls[0]} (0) and {cls[1]} (1)"
+            source = f"npz file {data_root}: {len(y)} images of {_describe_classes(cls)}"
         else:
             if test_root not in (None, "official"):
                 raise DataError(f"cifar10: --test-root must be 'official' (the CIFAR-10 test set), got {test_root!r}")
             x, y, cls = _load_cifar10(data_root, classes, download)
-            source = f"CIFAR-10 training set in {data_root}: {len(y)} images of {cls[0]} (0) and {cls[1]} (1)"
+            source = f"CIFAR-10 training set in {data_root}: {len(y)} images of {_describe_classes(cls)}"
         if test_root is None:
             data = InstanceData(x=x, y=y, classes=cls, is_rgb=x.shape[1] == 3, source=source)
-            bags = _random_labelled_bags(y, bag_size, num_bags, gen)
+            bags = _random_labelled_bags(y, bag_size, num_bags, gen, len(cls))
             train, test = split_bags(bags, test_fraction, gen)
             return BagDataset(data=data, train=train, test=test)
         # A separate test set: every bag of the first set trains; test bags come from the
         # second, whose instances follow the training ones in InstanceData.
         if name == "npz":
             tx, ty, tcls, tnamed = _load_npz(test_root, classes)
-            if named and tnamed and tcls != cls:
+            if len(tcls) != len(cls) or (named == tnamed and tcls != cls):
                 raise DataError(f"{test_root}: classes {tcls} differ from {cls} in {data_root}")
             source += f"; test set npz file {test_root}: {len(ty)} images"
         else:
@@ -618,9 +706,9 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
                             f"training images {tuple(x.shape[1:])} {x.dtype}")
         data = InstanceData(x=torch.cat([x, tx]), y=torch.cat([y, ty]), classes=cls,
                             is_rgb=x.shape[1] == 3, source=source)
-        train = _random_labelled_bags(y, bag_size, num_bags, gen)
+        train = _random_labelled_bags(y, bag_size, num_bags, gen, len(cls))
         # Test bag ids continue the training numbering so every id in the dataset is unique.
-        test = _random_labelled_bags(ty, bag_size, None, gen, start=len(y), first_id=len(train.bag_ids))
+        test = _random_labelled_bags(ty, bag_size, None, gen, len(cls), start=len(y), first_id=len(train.bag_ids))
         return BagDataset(data=data, train=train, test=test)
 
     if name == "family-faces":

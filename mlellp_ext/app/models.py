@@ -5,8 +5,9 @@
 * ``resnet18``: torchvision's ResNet-18 with one output, random init (or local
   weights via ``weights=PATH``), for larger crops such as 96x120 faces.
 
-Both return logits of shape (N,) for ``num_outputs=1`` and (N, K) otherwise,
-and expose ``features(x)`` (the pooled features before the last layer).
+Both return logits of shape (N,) for ``num_outputs=1`` (a binary problem) and
+(N, K) otherwise (K classes), and expose ``features(x)`` (the pooled features
+before the last layer) and ``class_logits(x)``, always (N, K).
 """
 from __future__ import annotations
 
@@ -57,8 +58,11 @@ class LLPGANCNN(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.features(x))
+        out = self.class_logits(x)
         return out.squeeze(1) if self.num_outputs == 1 else out
 
 
@@ -87,8 +91,11 @@ class ResNet18(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.features(x))
+        out = self.class_logits(x)
         return out.squeeze(1) if self.num_outputs == 1 else out
 
 
@@ -103,7 +110,7 @@ class TwoClassLogit(nn.Module):
         self.net = net
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net.class_logits(x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.features(x)
@@ -116,7 +123,9 @@ class TwoClassLogit(nn.Module):
 def build_backbone(name: str, in_channels: int, num_outputs: int = 1, width: float = 1.0,
                    weights: str | None = None) -> nn.Module:
     """The backbone called ``name`` (one of BACKBONES). num_outputs=2 gives a
-    TwoClassLogit (still one logit per instance from forward)."""
+    TwoClassLogit (still one logit per instance from forward): a network with two
+    outputs is the binary problem seen as K = 2 classes (LLP-GAN's discriminator).
+    A C-class problem (C >= 3) has num_outputs=C and forward gives (N, C)."""
     if num_outputs == 2:
         return TwoClassLogit(_raw_backbone(name, in_channels, 2, width, weights))
     return _raw_backbone(name, in_channels, num_outputs, width, weights)

@@ -36,7 +36,8 @@ from .methods.llpgan import GAN_WEIGHT
 from .models import build_backbone
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "L", "e_step_seconds", "inference_seconds", "m_step_seconds",
-                  "epoch_seconds", "test_accuracy", "test_auc", "test_bag_mae", "test_L")
+                  "epoch_seconds", "test_accuracy", "test_auc", "test_bag_mae", "test_L", "approximated_bags")
+MULTICLASS_ESTEPS = ("exact", "approx", "auto")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -73,6 +74,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
     estep: str = "fresh"
+    multiclass_estep: str = "exact"  # count vectors: exact E-step, approximate, or exact within the state budget
     tol: float = DEFAULT_TOL
     min_epochs: int = DEFAULT_MIN_ITERATIONS
     gan_weight: float = GAN_WEIGHT  # LLP-GAN's weight of its real/fake terms
@@ -94,6 +96,8 @@ def check_options(cfg: TrainConfig) -> None:
             bad(option, value, "at least 1")
     if cfg.min_epochs < 0:
         bad("--min-epochs", cfg.min_epochs, "non-negative")
+    if cfg.multiclass_estep not in MULTICLASS_ESTEPS:
+        bad("--multiclass-estep", cfg.multiclass_estep, f"one of {', '.join(MULTICLASS_ESTEPS)}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise DataError(f"--out {cfg.out} exists and is not a folder")
     # Combinations the backbone or method would refuse only after the data have loaded.
@@ -126,38 +130,109 @@ def bag_metrics(model, preprocess, data, bags, batch_size) -> tuple[dict, torch.
     """Instance accuracy and AUC (NaN without labels or with one class only), bag-count
     MAE and mean bag log-likelihood on `bags`, from one inference pass. Returns
     ``(metrics, prob, expected)``: the metrics dict, each instance's probability (in
-    the order of ``bags.index``) and each bag's expected count."""
+    the order of ``bags.index``; (M, C) class probabilities for C >= 3 classes) and
+    each bag's expected count ((B, C) expected count vectors)."""
     logits = infer_logits(model, preprocess, bags.index, batch_size)
     return metrics_from_logits(logits, data, bags)
 
 
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """P(label 1) of (N,) binary logits; class probabilities (N, C) of (N, C) logits."""
+    return torch.sigmoid(logits) if logits.dim() == 1 else torch.softmax(logits.double(), 1).float()
+
+
 def metrics_from_logits(logits, data, bags) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """bag_metrics() from the logits of the instances ``bags.index``."""
-    prob = torch.sigmoid(logits)
+    """bag_metrics() from the logits of the instances ``bags.index``. The bag-count
+    MAE is over bags (and classes, for count vectors); L is NaN where a multi-class
+    bag is over the exact E-step's state budget."""
+    from .methods.common import log_likelihoods
+
+    prob = probabilities(logits)
     sizes = bags.offsets.diff()
-    expected = torch.zeros(sizes.numel()).index_add_(0, bag_index(bags.offsets, prob.numel()), prob)
+    expected = torch.zeros(sizes.numel(), *prob.shape[1:]).index_add_(0, bag_index(bags.offsets, prob.shape[0]), prob)
     out = {"bag_mae": float((expected - bags.counts.float()).abs().mean()) if sizes.numel() else math.nan,
-           "L": float(posterior(logits, bags.offsets, bags.counts)[1].mean()) if sizes.numel() else math.nan,
-           **instance_metrics(prob, None if data.y is None else data.y[bags.index]),
+           "L": float(log_likelihoods(logits, bags.offsets, bags.counts).mean()) if sizes.numel() else math.nan,
+           **instance_metrics(prob, None if data.y is None else data.y[bags.index], data.classes),
            "n_instances": int(bags.index.numel()), "n_bags": int(sizes.numel())}
     return out, prob, expected
 
 
-def instance_metrics(prob: torch.Tensor, y: torch.Tensor | None) -> dict:
-    """Accuracy (threshold 0.5) and ROC AUC of instance probabilities; NaN without labels,
-    and AUC NaN where one class is absent (undefined)."""
+def instance_metrics(prob: torch.Tensor, y: torch.Tensor | None, classes: list[str] | None = None) -> dict:
+    """Accuracy and ROC AUC of instance probabilities; NaN without labels.
+
+    Binary ((N,) probabilities of label 1): accuracy at threshold 0.5, AUC NaN where
+    one class is absent (undefined). C classes ((N, C)): accuracy of the argmax, the
+    macro-average of the one-vs-rest AUCs of the classes present with both signs,
+    and ``per_class_accuracy`` (the recall of each class, by name; NaN for a class
+    with no instances)."""
+    multi = prob.dim() == 2
     if y is None or y.numel() == 0:
-        return {"accuracy": math.nan, "auc": math.nan}
-    return {"accuracy": float(((prob > 0.5).long() == y).float().mean()), "auc": auc(prob, y)}
+        out = {"accuracy": math.nan, "auc": math.nan}
+        if multi:
+            out["per_class_accuracy"] = {name: math.nan for name in _names(classes, prob.shape[1])}
+        return out
+    if not multi:
+        return {"accuracy": float(((prob > 0.5).long() == y).float().mean()), "auc": auc(prob, y)}
+    pred = prob.argmax(1)
+    names = _names(classes, prob.shape[1])
+    per_class = {}
+    for c, name in enumerate(names):
+        mine = y == c
+        per_class[name] = float((pred[mine] == c).float().mean()) if bool(mine.any()) else math.nan
+    aucs = [auc(prob[:, c], (y == c).long()) for c in range(prob.shape[1])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return {"accuracy": float((pred == y).float().mean()), "auc": sum(aucs) / len(aucs) if aucs else math.nan,
+            "per_class_accuracy": per_class}
+
+
+def _names(classes, num_classes: int) -> list[str]:
+    return list(classes) if classes is not None and len(classes) == num_classes else [str(c) for c in range(num_classes)]
 
 
 def auc(score: torch.Tensor, y: torch.Tensor) -> float:
-    """ROC AUC (scikit-learn's); NaN if one class is absent, where it is undefined."""
+    """ROC AUC (scikit-learn's); NaN if one class is absent, where it is undefined.
+    (Multi-class AUC is the mean of these one-vs-rest AUCs: scikit-learn's
+    ``multi_class="ovr"`` raises instead where a class is absent from a test set.)"""
     from sklearn.metrics import roc_auc_score
 
     if y.numel() == 0 or bool((y == y[0]).all()):
         return math.nan
     return float(roc_auc_score(y.numpy(), score.double().numpy()))
+
+
+def network_outputs(spec, num_classes: int) -> int:
+    """Outputs of the network a method trains: its registered number for a binary
+    problem (1 logit, or LLP-GAN's 2 real-class logits), one per class for C >= 3."""
+    return spec.num_outputs if num_classes == 2 else num_classes
+
+
+def check_multiclass_options(cfg: TrainConfig, dataset: BagDataset) -> None:
+    """--multiclass-estep applies to count vectors only; with the exact E-step no
+    training bag may be over the state budget (said before any training, with the way out)."""
+    from ..approx import lattice_states
+    from ..ops import DEFAULT_MAX_STATES
+
+    counts = dataset.train.counts
+    if counts.dim() == 1:
+        if cfg.multiclass_estep != "exact":
+            raise DataError(f"--multiclass-estep {cfg.multiclass_estep} applies to multi-class bags (--classes with "
+                            f"three or more classes, or a counts CSV with a column per class); these bags have "
+                            f"two classes, whose E-step is always exact")
+        return
+    if cfg.multiclass_estep != "exact" and cfg.method != "mle":
+        raise DataError(f"--multiclass-estep {cfg.multiclass_estep} applies to --method mle (EM's E-step), "
+                        f"not to --method {cfg.method}")
+    if cfg.method not in ("mle", "mle-direct") or cfg.multiclass_estep != "exact" or not counts.shape[0]:
+        return
+    states = lattice_states(counts)
+    b = int(states.argmax())
+    if float(states[b]) > DEFAULT_MAX_STATES:
+        over = int((states > DEFAULT_MAX_STATES).sum())
+        what = ("--multiclass-estep auto (exact where it fits, approximate beyond) or approx"
+                if cfg.method == "mle" else "--method mle with --multiclass-estep auto, or smaller bags")
+        raise DataError(f"{over} training bag(s) are too large for the exact multi-class E-step: bag "
+                        f"{dataset.train.bag_ids[b]!r} with counts {counts[b].tolist()} has {float(states[b]):.3g} "
+                        f"count vectors, over the budget of {DEFAULT_MAX_STATES}; use {what}")
 
 
 class Trainer:
@@ -180,7 +255,9 @@ class Trainer:
             raise DataError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
         spec = METHODS[cfg.method]
         in_channels = self.data.x.shape[1]
-        self.model = build_backbone(cfg.backbone, in_channels, spec.num_outputs, cfg.width,
+        self.num_classes = len(self.data.classes)
+        check_multiclass_options(cfg, self.dataset)
+        self.model = build_backbone(cfg.backbone, in_channels, network_outputs(spec, self.num_classes), cfg.width,
                                     cfg.weights).to(self.device)
         lr_factor(cfg.lr_schedule, 0, cfg.epochs)  # rejects an unknown schedule before any work
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -193,7 +270,7 @@ class Trainer:
         offered = dict(offsets=bags.offsets, counts=bags.counts, model=self.model, device=self.device,
                        image_shape=tuple(self.data.x.shape[1:]), batch_size=cfg.batch_size, lr=cfg.lr,
                        width=cfg.width, seed=cfg.seed, estep=cfg.estep, tol=cfg.tol, min_epochs=cfg.min_epochs,
-                       gan_weight=cfg.gan_weight)
+                       gan_weight=cfg.gan_weight, multiclass_estep=cfg.multiclass_estep)
         if spec.needs_labels:
             if self.data.y is None:
                 raise DataError(f"--method {cfg.method} needs instance labels, and this dataset has none")
@@ -408,8 +485,8 @@ def plot_curves(path, history, title):
 def model_payload(trainer):
     cfg = dataclasses.asdict(trainer.cfg)
     return {"state_dict": trainer.model.state_dict(), "config": cfg,
-            "num_outputs": METHODS[trainer.cfg.method].num_outputs, "in_channels": int(trainer.data.x.shape[1]),
-            "classes": list(trainer.data.classes)}
+            "num_outputs": network_outputs(METHODS[trainer.cfg.method], trainer.num_classes),
+            "in_channels": int(trainer.data.x.shape[1]), "classes": list(trainer.data.classes)}
 
 
 def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
@@ -476,6 +553,8 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
         line = (f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f}  L {stats['L']:.4f}  "
                 f"test acc {test['accuracy']:.4f}  auc {test['auc']:.4f}  bag MAE {test['bag_mae']:.3f}  "
                 f"({seconds:.1f}s)")
+        if stats.get("approximated_bags"):
+            line += f"  [{stats['approximated_bags']} bags took the approximate E-step]"
         if bar is not None:
             bar.set_postfix_str(line.split(": ", 1)[1])
             bar.update(1)

@@ -1,8 +1,9 @@
 """Methods beside EM, sharing data, backbone, optimiser and augmentation with it.
 
-* ``supervised``: BCE against the true instance labels (the upper bound).
+* ``supervised``: (binary) cross-entropy against the true instance labels (the upper bound).
 * ``dllp``: bags in minibatches; ``dllp_loss``, the cross-entropy between the bag
-  proportion y/n and the mean of the instance *probabilities* (Ardehaly & Culotta 2017).
+  proportion y/n and the mean of the instance *probabilities* (Ardehaly & Culotta 2017);
+  with C classes between the proportion vector y/n and the bag mean of the softmax.
 * ``mle-direct``: the same objective as EM, -log P(y | X), minimised directly
   by gradient descent on minibatches of whole bags (``bag_log_likelihood``).
 
@@ -19,7 +20,7 @@ import torch
 from ...losses import dllp_loss
 from ...ops import bag_log_likelihood
 from ..distributed import instance_mean
-from .common import Method, epoch_stats, fit_targets, gradient_step, mean_log_likelihood
+from .common import LogitRecorder, Method, epoch_stats, fit_targets, gradient_step, mean_log_likelihood
 
 
 class Supervised(Method):
@@ -27,7 +28,9 @@ class Supervised(Method):
 
     def __init__(self, offsets, counts, labels):
         self.offsets, self.counts = offsets, counts
-        self.labels = labels.float()  # of the training positions
+        # Of the training positions: probabilities of label 1 for BCE (two classes),
+        # class indices for cross-entropy (C >= 3, where counts are (B, C)).
+        self.labels = labels.float() if counts.dim() == 1 else labels.long()
 
     def epoch(self, *, model, optimizer, batches, inputs, world, progress):
         t0 = time.perf_counter()
@@ -48,16 +51,16 @@ class _BagLoss(Method):
     def epoch(self, *, model, optimizer, batches, inputs, world, progress):
         t0 = time.perf_counter()
         model.train()
-        recorded = torch.empty(batches.num_instances)
+        recorder = LogitRecorder(batches.num_instances)
         total, seen = 0.0, 0
         for batch in progress(batches.bags(), self.name):
             logits = model(inputs(batch.positions, train=True)).float()
             loss = self.bag_loss(logits, batch.offsets.to(logits.device), batch.counts.to(logits.device))
             gradient_step(loss, optimizer, world, model)
-            recorded[batch.positions] = logits.detach().cpu()
-            total += loss.item() * batch.counts.numel()
-            seen += batch.counts.numel()
-        L = mean_log_likelihood(recorded, self.offsets, self.counts, world)
+            recorder(batch.positions, logits)
+            total += loss.item() * batch.counts.shape[0]
+            seen += batch.counts.shape[0]
+        L = mean_log_likelihood(recorder.result(), self.offsets, self.counts, world)
         return epoch_stats(instance_mean(world, total, seen), L, t0)
 
 

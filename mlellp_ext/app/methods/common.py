@@ -21,12 +21,14 @@ registered with ``needs_labels=True`` get instance labels.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ...ops import posterior
+from ...approx import lattice_states
+from ...ops import DEFAULT_MAX_STATES, posterior
 from ..distributed import bag_mean, instance_mean, sync_gradients
 
 
@@ -43,28 +45,65 @@ def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, world, *
     optimizer.step()
 
 
+def instance_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The supervised loss of instance logits against targets: binary cross-entropy
+    for (n,) logits (targets: probabilities of label 1), cross-entropy for (n, C)
+    logits (targets: class indices (n,), or soft targets (n, C) whose rows sum to 1,
+    such as EM's phi)."""
+    if logits.dim() == 1:
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    if targets.dim() == 2:
+        targets = targets.to(logits.dtype)
+    return F.cross_entropy(logits, targets)
+
+
+class LogitRecorder:
+    """The logits a method computes for every training position during an epoch:
+    (M,) for a binary problem, (M, C) for C classes (shape taken from the first batch)."""
+
+    def __init__(self, num_instances: int):
+        self.num_instances, self.logits = num_instances, None
+
+    def __call__(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = torch.empty((self.num_instances, *logits.shape[1:]))
+        self.logits[positions] = logits.detach().float().cpu()
+
+    def result(self) -> torch.Tensor:
+        return self.logits if self.logits is not None else torch.empty(self.num_instances)
+
+
 def fit_targets(model, optimizer, targets, batches, inputs, world, progress, desc="M-step"):
-    """One epoch of binary cross-entropy against ``targets(positions)`` over shuffled
-    instance minibatches. Returns (mean loss over all ranks, the logits recorded for
-    every training position of this rank)."""
+    """One epoch of (binary) cross-entropy (:func:`instance_loss`) against
+    ``targets(positions)`` over shuffled instance minibatches. Returns (mean loss
+    over all ranks, the logits recorded for every training position of this rank)."""
     model.train()
-    recorded = torch.empty(batches.num_instances)
+    recorder = LogitRecorder(batches.num_instances)
     total, seen = 0.0, 0
     for pos in progress(batches.instances(), desc):
         logits = model(inputs(pos, train=True)).float()
-        loss = F.binary_cross_entropy_with_logits(logits, targets(pos).to(logits.device))
+        loss = instance_loss(logits, targets(pos).to(logits.device))
         gradient_step(loss, optimizer, world, model)
-        recorded[pos] = logits.detach().cpu()
+        recorder(pos, logits)
         total += loss.item() * pos.numel()
         seen += pos.numel()
-    return instance_mean(world, total, seen), recorded
+    return instance_mean(world, total, seen), recorder.result()
 
 
 def mean_log_likelihood(logits, offsets, counts, world) -> float:
-    """L, the mean over all ranks' bags of log P(S_b = y_b) under these logits."""
-    _, log_lik = posterior(logits.detach().float(), offsets, counts)
-    mean = float(log_lik.mean()) if log_lik.numel() else 0.0
-    return bag_mean(world, mean, counts.numel())
+    """L, the mean over all ranks' bags of log P(counts_b) under these logits (NaN
+    where a multi-class bag is over the exact E-step's state budget on some rank)."""
+    mean = float(log_likelihoods(logits, offsets, counts).mean()) if counts.shape[0] else 0.0
+    return bag_mean(world, mean, counts.shape[0])
+
+
+def log_likelihoods(logits, offsets, counts) -> torch.Tensor:
+    """log P(counts_b) of every bag, exactly; all NaN if a multi-class bag is over
+    the default state budget (its exact value would not fit in memory)."""
+    logits = logits.detach().float()
+    if counts.dim() == 2 and counts.shape[0] and int(lattice_states(counts).max()) > DEFAULT_MAX_STATES:
+        return torch.full((counts.shape[0],), math.nan)
+    return posterior(logits, offsets, counts)[1]
 
 
 class Method:

@@ -1,9 +1,12 @@
 """MLE-LLP by expectation-maximisation, the application's adapter over ``EMTargets``.
 
 Each EM iteration is one epoch:
-  M-step  one pass of binary cross-entropy against the soft targets phi over
+  M-step  one pass of (binary) cross-entropy against the soft targets phi over
           shuffled *instance* minibatches (bags never need to fit in a batch);
-  E-step  ``EMTargets.update``: phi and L for every training bag, exactly.
+  E-step  ``EMTargets.update``: phi and L for every training bag, exactly (for
+          count vectors, bags over the state budget may take the approximate
+          E-step: ``multiclass_estep`` "approx" or "auto"; the epoch reports
+          how many bags did).
 The E-step takes its logits either from a fresh inference pass (``fresh``:
 exact EM, network in eval mode, no augmentation) or from the logits recorded
 during the M-step epoch (``recorded``: no extra pass, logits from a network
@@ -33,10 +36,11 @@ class EM(Method):
     name = "mle"
 
     def __init__(self, offsets, counts, batch_size: int, estep: str, tol: float = DEFAULT_TOL,
-                 min_epochs: int = DEFAULT_MIN_ITERATIONS):
+                 min_epochs: int = DEFAULT_MIN_ITERATIONS, multiclass_estep: str = "exact"):
         if estep not in ESTEP_MODES:
             raise ValueError(f"--estep must be one of {ESTEP_MODES}, got {estep!r}")
-        self.em = EMTargets(offsets, counts, tol=tol, min_iterations=min_epochs)
+        self.em = EMTargets(offsets, counts, tol=tol, min_iterations=min_epochs,
+                            estep=multiclass_estep if counts.dim() == 2 else "exact")
         self.estep, self.batch_size = estep, batch_size
 
     @property
@@ -53,7 +57,7 @@ class EM(Method):
         L = self.em.update(logits, group=world.group)
         t3 = time.perf_counter()
         return {"train_loss": loss, "L": L, "m_step_seconds": t1 - t0, "inference_seconds": t2 - t1,
-                "e_step_seconds": t3 - t2}
+                "e_step_seconds": t3 - t2, "approximated_bags": self.em.approximated_bags}
 
     def state_dict(self):
         return self.em.state_dict()

@@ -1,11 +1,11 @@
 """LLP-GAN (Liu et al., NeurIPS 2019), the GAN baseline for learning from label proportions.
 
-Discriminator: the ``cnn`` backbone with K = 2 real-class logits l_1, l_2 and
-the fake class as an implicit logit fixed at 0 (Salimans et al. 2016), so
-P(fake | x) = 1 / (1 + exp(l_1) + exp(l_2)). Its loss on a minibatch of whole
-real bags and as many generated images:
-  * bag-proportion cross-entropy between y/n and the bag mean of the
-    real-class softmax (as DLLP);
+Discriminator: the ``cnn`` backbone with K real-class logits l_1..l_K (K = 2
+for a binary problem, K = C for C classes) and the fake class as an implicit
+logit fixed at 0 (Salimans et al. 2016), so P(fake | x) = 1 / (1 + sum_k exp(l_k)).
+Its loss on a minibatch of whole real bags and as many generated images:
+  * bag-proportion cross-entropy between the bag's proportions and the bag
+    mean of the real-class softmax (as DLLP);
   * real/fake terms: -log(1 - P(fake | real)) - log P(fake | G(noise)),
     weighted by ``gan_weight`` (1 in the paper and its re-implementations).
 Generator (LLP-GAN's CIFAR-10 generator): noise -> linear 4x4x512, batch norm,
@@ -14,8 +14,8 @@ size each time (to 32x32), batch norm and ReLU between, tanh at the end (the
 data are normalised to [-1, 1]); other image sizes are resized to the data's.
 Its loss is feature matching: squared distance between the mean pooled
 discriminator features of real and generated images.
-Instances are predicted by argmax over the K real classes, i.e. the sign of
-l_2 - l_1 (models.TwoClassLogit).
+Instances are predicted by argmax over the K real classes: for K = 2 the sign
+of l_2 - l_1 (models.TwoClassLogit).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from ...losses import dllp_loss
 from ..distributed import instance_mean
-from .common import Method, epoch_stats, gradient_step, mean_log_likelihood
+from .common import LogitRecorder, Method, epoch_stats, gradient_step, mean_log_likelihood
 
 NOISE_DIM = 100
 # The default weight of the real/fake terms. See docs/experiments/reproduction.md:
@@ -61,6 +61,12 @@ def real_fake_terms(class_logits: torch.Tensor):
     return lse - F.softplus(lse), -F.softplus(lse)
 
 
+def _instance_logits(class_logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The logits the rest of the library reads: l_2 - l_1 for a binary problem
+    (counts (B,)), all K real-class logits for K >= 3 (counts (B, K))."""
+    return class_logits[:, 1] - class_logits[:, 0] if counts.dim() == 1 else class_logits
+
+
 class LLPGAN(Method):
     name = "llpgan"
 
@@ -83,7 +89,7 @@ class LLPGAN(Method):
         disc = model
         disc.train()
         self.generator.train()
-        recorded = torch.empty(batches.num_instances)
+        recorder = LogitRecorder(batches.num_instances)
         total, seen = 0.0, 0
         for batch in progress(batches.bags(), self.name):
             real = inputs(batch.positions, train=True)
@@ -92,9 +98,10 @@ class LLPGAN(Method):
 
             # Discriminator: bag proportions + real/fake.
             logits = disc.class_logits(real)
-            # The bag-proportion loss on the two real classes: softmax over (l_1, l_2) is
-            # sigmoid(l_2 - l_1), so it is DLLP's loss of l_2 - l_1.
-            loss_prop = dllp_loss(logits[:, 1] - logits[:, 0], batch.offsets.to(device), batch.counts.to(device))
+            offsets, counts = batch.offsets.to(device), batch.counts.to(device)
+            # The bag-proportion loss on the K real classes: DLLP's loss of their logits
+            # (for K = 2, softmax over (l_1, l_2) is sigmoid(l_2 - l_1): the binary loss).
+            loss_prop = dllp_loss(_instance_logits(logits, counts), offsets, counts)
             log_real, _ = real_fake_terms(logits)
             _, log_fake = real_fake_terms(disc.class_logits(self.generator(noise).detach()))
             loss_d = loss_prop - self.gan_weight * (log_real.mean() + log_fake.mean())
@@ -107,8 +114,8 @@ class LLPGAN(Method):
             loss_g = (real_features - fake_features).pow(2).mean()
             gradient_step(loss_g, self.g_optimizer, world, self.generator)
 
-            recorded[batch.positions] = (logits[:, 1] - logits[:, 0]).detach().float().cpu()
-            total += loss_d.item() * batch.counts.numel()
-            seen += batch.counts.numel()
-        L = mean_log_likelihood(recorded, self.offsets, self.counts, world)
+            recorder(batch.positions, _instance_logits(logits, counts))
+            total += loss_d.item() * batch.counts.shape[0]
+            seen += batch.counts.shape[0]
+        L = mean_log_likelihood(recorder.result(), self.offsets, self.counts, world)
         return epoch_stats(instance_mean(world, total, seen), L, t0)
