@@ -61,7 +61,7 @@ class EMTargets:
         iterations: number of updates so far.
         converged: whether the stopping rule holds.
         approximated_bags: bags whose last E-step was approximate (multi-class
-            ``estep="approx"``/``"auto"``; else 0).
+            ``estep="approx"``/``"auto"``; else 0); with ``group``, over all processes.
 
     Bad offsets or counts raise the op's ``ValueError`` messages (naming the argument) here;
     logits of the wrong shape or dtype raise a ``ValueError`` at :meth:`update`.
@@ -179,9 +179,11 @@ class EMTargets:
 
             nccl = dist.get_backend(group) == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-            both = torch.stack([total.to(device), torch.tensor(num_bags, dtype=torch.float64, device=device)])
+            both = torch.stack([total.to(device), torch.tensor(num_bags, dtype=torch.float64, device=device),
+                                torch.tensor(float(self.approximated_bags), dtype=torch.float64, device=device)])
             dist.all_reduce(both, group=group)
             total, num_bags = both[0], float(both[1])
+            self.approximated_bags = int(both[2])  # over all processes, as L
         L = float(total) / num_bags if num_bags else 0.0
         self.phi = phi.float()
         self.iterations += 1

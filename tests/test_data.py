@@ -232,16 +232,24 @@ def test_npz_multiclass(tmp_path):
     assert binary.data.classes == ["0", "1"] and binary.train.counts.dim() == 1
 
 
-def test_npz_test_root_multiclass_needs_the_same_classes(tmp_path):
+def test_npz_test_root_multiclass_maps_by_the_training_classes(tmp_path):
+    """The test file's labels go through the training set's classes (by label value),
+    even where it lacks one; named files must name those values alike."""
     train_path, test_path = str(tmp_path / "train.npz"), str(tmp_path / "test.npz")
-    write_npz(train_path, names=False)
-    write_npz(test_path, labels=2, names=False)
-    with pytest.raises(DataError, match=r"test\.npz: classes \['0', '1'\] differ from \['0', '1', '2'\]"):
-        load_dataset("npz", data_root=train_path, test_root=test_path, classes="all")
-    write_npz(test_path, seed=3, names=False)
+    write_npz(train_path, names=False)  # labels 0, 1, 2
+    rng = np.random.default_rng(5)
+    ty = np.array([0, 2, 2, 5, 0, 2] * 4)  # no 1; 5 is not a training class
+    np.savez(test_path, x=rng.integers(0, 256, (len(ty), 6, 5, 3), dtype=np.uint8), y=ty)
     ds = load_dataset("npz", data_root=train_path, test_root=test_path, classes="all", bag_size=(2, 3))
-    assert ds.test.counts.shape[1] == 3
+    assert ds.data.classes == ["0", "1", "2"] and ds.test.counts.shape[1] == 3
+    n_train = len(ds.data.y) - int((ty != 5).sum())
+    assert ds.data.y[n_train:].tolist() == [int(v) for v in ty if v != 5]
     check_split(ds)
+    write_npz(train_path)  # cat, dog, frog
+    np.savez(test_path, x=rng.integers(0, 256, (6, 6, 5, 3), dtype=np.uint8), y=np.arange(6) % 3,
+             classes=np.array(["cat", "frog", "dog"]))
+    with pytest.raises(DataError, match=r"test\.npz: classes \['cat', 'frog', 'dog'\] differ from \['cat', 'dog', 'frog'\]"):
+        load_dataset("npz", data_root=train_path, test_root=test_path, classes="all")
 
 
 def test_digits_classes():
@@ -442,6 +450,15 @@ def test_manifest_multiclass(tmp_path):
     assert two.data.classes == ["cat", "dog"] and two.train.counts.tolist() == [1] and two.data.y.tolist() == [0, 1]
 
 
+def test_manifest_trailing_commas_still_load(tmp_path):
+    """Spreadsheets save empty header names for trailing commas; binary files with them load as before."""
+    inst, counts = write_manifest(tmp_path, GOOD_INSTANCES.replace("path,bag,label", "path,bag,label,,"),
+                                  GOOD_COUNTS.replace("bag,count", "bag,count,,"))
+    assert load_manifest(inst, counts, test_fraction=0.0).train.counts.tolist() == [1, 1, 1]
+    inst, counts = write_manifest(tmp_path, MULTI_INSTANCES, MULTI_COUNTS.replace("bag,cat,dog,Cow", "bag,cat,dog,Cow,"))
+    assert load_manifest(inst, counts, test_fraction=0.0).data.classes == ["cat", "dog", "Cow"]
+
+
 @pytest.mark.parametrize("instances,counts,match", [
     (MULTI_INSTANCES, "bag,cat,dog,Cow\nb1,1,0,0\nb2,0,0,2\nb3,0,1,0\n",
      r"counts\.csv, line 2: the counts of bag 'b1' sum to 1, but it has 2 instances"),
@@ -452,6 +469,9 @@ def test_manifest_multiclass(tmp_path):
     (MULTI_INSTANCES.replace("b3,dog", "b3,horse"), MULTI_COUNTS,
      r"inst\.csv, line 6: label must be a class name \(cat, dog, Cow\) or its number 0..2, got 'horse'"),
     (MULTI_INSTANCES, "bag,cat,cat\nb1,1,1\n", r"counts\.csv, line 1: column 'cat' appears twice"),
+    (MULTI_INSTANCES, "bag,cat,dog,Cow,count\nb1,1,1,0,2\n", r"counts\.csv, line 1: the header has a 'count' "
+                                                               r"column and other columns \(cat, dog, Cow\)"),
+    (MULTI_INSTANCES.replace("b3,dog", "b3,01"), MULTI_COUNTS, r"line 6: label must be a class name.*got '01'"),
     (MULTI_INSTANCES, "bag,cat\nb1,2\n", r"counts\.csv, line 1: missing column 'count'.*bag,CLASS1,CLASS2"),
 ])
 def test_manifest_multiclass_errors(tmp_path, instances, counts, match):

@@ -152,3 +152,29 @@ def test_cifar10_20k_ten_classes(tmp_path, capsys):
 def test_unknown_class_is_a_data_error():
     with pytest.raises(DataError, match="class 'horse' is unknown"):
         load_data(TrainConfig(out="unused", dataset="digits", classes="1,2,horse"))
+
+
+def test_evaluate_checks_the_data_classes_against_the_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "digits", "--classes", "0,1,2", "--bag-size", "3:6", "--epochs", "1",
+                     "--width", "0.25", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    model = str(out / "model.pt")
+    assert cli.main(["evaluate", "--model", model, "--classes", "2,1,0"]) == 2
+    assert "in another order" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", model, "--classes", "0,1,2,3"]) == 2
+    assert "trained on 3 classes (0,1,2) but these data have 4" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", model, "--classes", "3,4,5"]) == 0  # other digits, the same shape
+
+
+def test_binary_only_methods_refuse_count_vectors(tmp_path):
+    from mlellp_ext.app.methods import METHODS, EM, register_method
+
+    before = dict(METHODS)
+    try:
+        register_method("binary-em", EM, "a method registered without multiclass=True")
+        with pytest.raises(DataError, match="--method binary-em trains binary classifiers only"):
+            train(TrainConfig(out=str(tmp_path / "r"), **dict(CONFIG, method="binary-em", epochs=1)))
+    finally:
+        METHODS.clear()
+        METHODS.update(before)

@@ -38,7 +38,7 @@ LABELS = {"mle": "MLE-LLP (EM)", "dllp": "DLLP", "supervised": "supervised"}
 def config(out: str, method: str, args) -> TrainConfig:
     return TrainConfig(out=out, dataset="npz", data_root=args.data, classes="all", bag_size=f"{args.bag_size}:{args.bag_size}",
                        method=method, backbone="cnn", width=args.width, epochs=args.epochs, batch_size=64, lr=1e-3,
-                       tol=0.0, seed=args.seed, quiet=False, device="cpu")
+                       tol=0.0, seed=args.seed, quiet=False, device="cpu", multiclass_estep=args.multiclass_estep)
 
 
 def run_name(method: str, args) -> str:
@@ -134,6 +134,8 @@ def main(argv=None):
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--multiclass-estep", choices=("exact", "approx", "auto"), default="exact",
+                   help="EM's E-step for bags over the state budget (from bags of about 48 with ten classes)")
     p.add_argument("--summarise", default=None, help="write the table and plot of every run under --runs here")
     args = p.parse_args(argv)
     if args.summarise:

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-from .data import DATASETS, DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION
+from .data import DATASETS, DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION, DataError
 from .methods import ESTEP_MODES, METHODS
 from .models import BACKBONES
 from .train import LR_SCHEDULES, MULTICLASS_ESTEPS, TrainConfig
@@ -193,9 +193,26 @@ def _model_and_bags(args):
     if other:
         cfg = dataclasses.replace(cfg, test_fraction=0.0)
     dataset = load_data(cfg)
+    check_classes(payload.get("classes"), list(dataset.data.classes))
     split = "all" if other else (args.split or "test")
     bags = _all_bags(dataset) if split == "all" else getattr(dataset, split)
     return model, dataset, bags, other
+
+
+def check_classes(trained: list[str] | None, have: list[str]) -> None:
+    """The data's classes must be the model's outputs, in the same order (else the
+    scores would belong to other classes, or not fit the network)."""
+    if trained is None:  # a model.pt written before class names were stored
+        return
+    trained = [str(c) for c in trained]
+    names = lambda cs: ",".join(cs)  # noqa: E731
+    if len(have) != len(trained):
+        raise DataError(f"the model was trained on {len(trained)} classes ({names(trained)}) but these data have "
+                        f"{len(have)} ({names(have)}); pass --classes naming the model's classes")
+    if have != trained and sorted(have) == sorted(trained):
+        raise DataError(f"the data name the model's classes in another order (the model's: {names(trained)}; the "
+                        f"data's: {names(have)}), which would swap its outputs' meaning; pass --classes "
+                        f"{names(trained)}")
 
 
 def _all_bags(dataset):

@@ -236,11 +236,14 @@ def _parse_classes(classes: str) -> list[str] | None:
     return parts
 
 
-def _select_classes(y: np.ndarray, names: list[str] | None, classes: str | None, where: str):
+def _select_classes(y: np.ndarray, names: list[str] | None, classes: str | None, where: str,
+                    required: bool = True):
     """Pick the instances of the classes named by ``classes`` and relabel them 0..C-1.
 
-    Returns ``(keep, labels, class_names)``: indices of the kept instances, their
-    labels (the i-th class named -> i) and the C class names. A class is named by
+    Returns ``(keep, labels, class_names, values)``: indices of the kept instances,
+    their labels (the i-th class named -> i), the C class names and the label
+    values they had. ``required=False`` lets a named class have no instances
+    (a test set drawn with a training set's classes). A class is named by
     its name in ``names`` or by its integer label value; ``"all"`` keeps every
     class present, in label order. ``None`` requires the labels to be 0/1
     already (a binary dataset). C = 2 is the binary problem (label 1 = the
@@ -253,7 +256,7 @@ def _select_classes(y: np.ndarray, names: list[str] | None, classes: str | None,
             raise DataError(f"{where}: labels are not binary 0/1 (found {shown}); pass --classes A,B to pick "
                             f"two classes, or --classes all (or three or more names) for multi-class bags")
         cls = [str(names[0]), str(names[1])] if names is not None and len(names) >= 2 else ["0", "1"]
-        return np.arange(len(y)), y.astype(np.int64), cls
+        return np.arange(len(y)), y.astype(np.int64), cls, [0, 1]
     parts = _parse_classes(classes)
     if parts is None:
         if len(present) < 2:
@@ -268,7 +271,7 @@ def _select_classes(y: np.ndarray, names: list[str] | None, classes: str | None,
                 v = int(part)
             else:
                 v = None
-            if v is None or v not in present:
+            if v is None or (required and v not in present):
                 if names is not None:
                     avail = "available names: " + ", ".join(names)
                 else:
@@ -282,7 +285,7 @@ def _select_classes(y: np.ndarray, names: list[str] | None, classes: str | None,
     lookup = np.full(max(values) - min(min(values), 0) + 1, -1, dtype=np.int64)
     lookup[np.asarray(values) - min(min(values), 0)] = np.arange(len(values))
     keep = np.flatnonzero(np.isin(y, values))
-    return keep, lookup[y[keep] - min(min(values), 0)], cls
+    return keep, lookup[y[keep] - min(min(values), 0)], cls, list(values)
 
 
 def _describe_classes(cls: list[str]) -> str:
@@ -302,8 +305,9 @@ def _images_nchw(x: np.ndarray, where: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def _load_npz(path: str, classes: str | None):
-    """(x uint8 NCHW, y int64 0..C-1, class names, whether the file names its classes) from a .npz."""
+def _load_npz(path: str, classes: str | None, required: bool = True):
+    """(x uint8 NCHW, y int64 0..C-1, class names, whether the file names its classes,
+    the label values of the classes) from a .npz."""
     if not path:
         raise DataError("the npz dataset needs --data-root pointing to a .npz file")
     if not os.path.isfile(path):
@@ -324,13 +328,13 @@ def _load_npz(path: str, classes: str | None):
     if len(y) != len(x):
         raise DataError(f"{path}: x has {len(x)} images but y has {len(y)} labels")
     names = [str(c) for c in arrays["classes"].reshape(-1).tolist()] if "classes" in arrays else None
-    keep, labels, cls = _select_classes(y.astype(np.int64), names, classes, path)
+    keep, labels, cls, values = _select_classes(y.astype(np.int64), names, classes, path, required)
     if len(keep) == 0:
         raise DataError(f"{path}: no instances")
     xt = _images_nchw(x, path)
     if len(keep) != len(y):
         xt = xt[torch.from_numpy(keep)]
-    return xt, torch.from_numpy(labels), cls, names is not None
+    return xt, torch.from_numpy(labels), cls, names is not None, values
 
 
 # ---------------------------------------------------------------------------
@@ -369,7 +373,7 @@ def _load_digits(classes: str | None = None):
         return InstanceData(x=x, y=y, classes=["digit<5", "digit>=5"], is_rgb=False,
                             source=f"scikit-learn load_digits: {len(y)} 8x8 digit images, label 1 = digit >= 5")
     where = "digits"
-    keep, y, cls = _select_classes(d.target.astype(np.int64), [str(k) for k in range(10)], classes, where)
+    keep, y, cls, _ = _select_classes(d.target.astype(np.int64), [str(k) for k in range(10)], classes, where)
     return InstanceData(x=x[torch.from_numpy(keep)], y=torch.from_numpy(y), classes=cls, is_rgb=False,
                         source=f"scikit-learn load_digits: {len(keep)} 8x8 images of the digits {', '.join(cls)}")
 
@@ -390,7 +394,7 @@ def _load_cifar10(root: str | None, classes: str | None, download: bool, train: 
     except Exception as e:  # noqa: BLE001  (network errors when downloading)
         raise DataError(f"{root}: could not load CIFAR-10 ({type(e).__name__}: {e})") from e
     where = f"CIFAR-10 in {root}"
-    keep, labels, cls = _select_classes(np.asarray(ds.targets, dtype=np.int64), list(ds.classes), classes, where)
+    keep, labels, cls, _ = _select_classes(np.asarray(ds.targets, dtype=np.int64), list(ds.classes), classes, where)
     x = _images_nchw(np.asarray(ds.data)[keep], where)
     return x, torch.from_numpy(labels), cls
 
@@ -474,7 +478,7 @@ def _read_csv(path: str, what: str, required: tuple[str, ...], optional: tuple[s
                             f"(found {','.join(header)}; expected {expected})")
     seen = set()
     for h in header:
-        if h in seen:
+        if h and h in seen:  # empty names: trailing commas a spreadsheet may save
             raise DataError(f"{path}, line 1: column {h!r} appears twice in the header")
         seen.add(h)
     cols = {c: header.index(c) for c in required + optional if c in header}
@@ -494,15 +498,17 @@ def _count_columns(counts_path: str):
     every column but ``bag`` is a class, named by its header (two or more)."""
     cols, rows, names = _read_csv(counts_path, "counts", ("bag",), all_columns=True)
     lower = [n.lower() for n in names]
+    class_cols = [i for i, n in enumerate(lower) if n not in ("bag", "")]
     if "count" in lower:
+        others = [names[i] for i in class_cols if lower[i] != "count"]
+        if others:
+            raise DataError(f"{counts_path}, line 1: the header has a 'count' column and other columns "
+                            f"({', '.join(others)}): use bag,count for two classes, or bag,CLASS1,CLASS2,... "
+                            f"with a count per class and no total")
         return cols, rows, [lower.index("count")], ["0", "1"]
-    class_cols = [i for i, n in enumerate(lower) if n != "bag"]
     if len(class_cols) < 2:
         raise DataError(f"{counts_path}, line 1: missing column 'count' in the header (found {','.join(names)}; "
                         f"expected bag,count for two classes or bag,CLASS1,CLASS2,... for a count per class)")
-    for i in class_cols:
-        if not names[i]:
-            raise DataError(f"{counts_path}, line 1: column {i + 1} has no class name")
     return cols, rows, class_cols, [names[i] for i in class_cols]
 
 
@@ -512,7 +518,7 @@ def _parse_label(text: str, classes: list[str], where: str) -> int | None:
         return None
     if text in classes:
         return classes.index(text)
-    if re.fullmatch(r"\d+", text) and int(text) < len(classes):
+    if re.fullmatch(r"0|[1-9]\d*", text) and int(text) < len(classes):
         return int(text)
     if classes == ["0", "1"]:
         raise DataError(f"{where}: label must be 0 or 1, got {text!r}")
@@ -679,7 +685,7 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
 
     if name in ("npz", "cifar10"):
         if name == "npz":
-            x, y, cls, named = _load_npz(data_root, classes)
+            x, y, cls, named, values = _load_npz(data_root, classes)
             source = f"npz file {data_root}: {len(y)} images of {_describe_classes(cls)}"
         else:
             if test_root not in (None, "official"):
@@ -694,9 +700,12 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
         # A separate test set: every bag of the first set trains; test bags come from the
         # second, whose instances follow the training ones in InstanceData.
         if name == "npz":
-            tx, ty, tcls, tnamed = _load_npz(test_root, classes)
-            if len(tcls) != len(cls) or (named == tnamed and tcls != cls):
-                raise DataError(f"{test_root}: classes {tcls} differ from {cls} in {data_root}")
+            # The training set's classes by their label values (a test set may lack some).
+            tx, ty, tcls, tnamed, _ = _load_npz(test_root, None if classes is None else ",".join(map(str, values)),
+                                                required=False)
+            if named and tnamed and tcls != cls:
+                raise DataError(f"{test_root}: classes {tcls} differ from {cls} in {data_root} "
+                                f"(the same label values must name the same classes)")
             source += f"; test set npz file {test_root}: {len(ty)} images"
         else:
             tx, ty, _ = _load_cifar10(data_root, classes, download, train=False)

@@ -383,7 +383,8 @@ def add_arguments(p):
     p.add_argument("--experiment", choices=EXPERIMENTS + ("all",), default="all")
     p.add_argument("--profile", choices=tuple(PROFILES), default="cpu")
     p.add_argument("--data-root", required=True, help="CIFAR-10 bird/cat .npz, or a torchvision CIFAR-10 folder")
-    p.add_argument("--classes", default=None, help="two classes A,B where the data have more (a CIFAR-10 folder needs them, e.g. bird,cat)")
+    p.add_argument("--classes", default=None, help="two classes A,B where the data have more (a CIFAR-10 folder needs them, e.g. bird,cat); "
+                        "the seed paper's experiments are binary")
     p.add_argument("--out", default=os.path.join("docs", "experiments", "reproduction"), help="CSV, PNG and Markdown go here")
     p.add_argument("--work", default=os.path.join("runs", "reproduce"), help="the training runs go here")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
@@ -407,6 +408,9 @@ def run(args):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise DataError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if args.classes is not None and (args.classes.strip().lower() == "all" or len(args.classes.split(",")) != 2):
+        raise DataError(f"--classes must name two classes A,B (the seed paper's experiments are binary), "
+                        f"got {args.classes!r}")
     if not os.path.exists(args.data_root):  # else a missing .npz would be taken for a CIFAR-10 folder
         raise DataError(f"--data-root {args.data_root}: no such file or folder")
     os.makedirs(args.out, exist_ok=True)

@@ -143,15 +143,16 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 def metrics_from_logits(logits, data, bags) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """bag_metrics() from the logits of the instances ``bags.index``. The bag-count
-    MAE is over bags (and classes, for count vectors); L is NaN where a multi-class
-    bag is over the exact E-step's state budget."""
+    MAE is over bags (and classes, for count vectors); L leaves out multi-class bags
+    over the exact E-step's state budget (NaN if all are)."""
     from .methods.common import log_likelihoods
 
     prob = probabilities(logits)
     sizes = bags.offsets.diff()
     expected = torch.zeros(sizes.numel(), *prob.shape[1:]).index_add_(0, bag_index(bags.offsets, prob.shape[0]), prob)
     out = {"bag_mae": float((expected - bags.counts.float()).abs().mean()) if sizes.numel() else math.nan,
-           "L": float(log_likelihoods(logits, bags.offsets, bags.counts).mean()) if sizes.numel() else math.nan,
+           "L": float(torch.nanmean(log_likelihoods(logits, bags.offsets, bags.counts).double()))
+           if sizes.numel() else math.nan,
            **instance_metrics(prob, None if data.y is None else data.y[bags.index], data.classes),
            "n_instances": int(bags.index.numel()), "n_bags": int(sizes.numel())}
     return out, prob, expected
@@ -213,6 +214,9 @@ def check_multiclass_options(cfg: TrainConfig, dataset: BagDataset) -> None:
     from ..ops import DEFAULT_MAX_STATES
 
     counts = dataset.train.counts
+    if counts.dim() == 2 and not METHODS[cfg.method].multiclass:
+        raise DataError(f"--method {cfg.method} trains binary classifiers only; these bags have "
+                        f"{counts.shape[1]} classes ({', '.join(dataset.data.classes)})")
     if counts.dim() == 1:
         if cfg.multiclass_estep != "exact":
             raise DataError(f"--multiclass-estep {cfg.multiclass_estep} applies to multi-class bags (--classes with "
@@ -293,7 +297,7 @@ class Trainer:
         parts = distributed.shard_assignment(self.train_bags, world.size)
         if any(p.numel() == 0 for p in parts):
             raise distributed.DistributedError(
-                f"{self.train_bags.counts.numel()} training bags cannot be shared by {world.size} processes; "
+                f"{len(self.train_bags.bag_ids)} training bags cannot be shared by {world.size} processes; "
                 f"start fewer processes or use more bags")
         self.train_bags = subset_bags(self.train_bags, parts[world.rank])
         test_parts = distributed.shard_assignment(self.test_bags, world.size)
@@ -400,7 +404,7 @@ class Trainer:
 # What --resume may change: how long to run and how to show it. Anything else would
 # continue a different run (another --seed, say, draws other bags, and the saved
 # targets phi would then belong to other instances).
-RESUME_MAY_CHANGE = ("out", "resume", "epochs", "tol", "min_epochs", "device", "quiet")
+RESUME_MAY_CHANGE = ("out", "resume", "epochs", "tol", "min_epochs", "device", "quiet", "multiclass_estep")
 
 
 def settled_data_options(cfg: TrainConfig) -> TrainConfig:
@@ -519,8 +523,8 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
     where = f"{trainer.device}" if not world.distributed else \
         f"{world.size} processes ({world.backend}, {trainer.device.type}), " \
         f"{distributed.per_rank_batch_size(cfg.batch_size, world)} instances per minibatch each"
-    say(f"{cfg.method}: {train_bags.counts.numel()} train bags "
-        f"({train_bags.index.numel()} instances), {trainer.test_bags.counts.numel()} test bags; "
+    say(f"{cfg.method}: {len(train_bags.bag_ids)} train bags "
+        f"({train_bags.index.numel()} instances), {len(trainer.test_bags.bag_ids)} test bags; "
         f"{cfg.backbone} on {where}")
     epochs = range(start, cfg.epochs)
     bar = None

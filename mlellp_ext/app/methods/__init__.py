@@ -7,11 +7,14 @@ trainer builds a method with :func:`build_method`, which passes the method's
 constructor exactly the arguments it names from what the trainer offers:
 
 * ``offsets``, ``counts``: this process's training bags (positions 0..M-1);
+  counts (B,) for two classes, (B, C) count vectors for C >= 3 (only methods
+  registered with ``multiclass=True`` are run on those);
 * ``labels``: the instance labels of those positions, offered only to a method
   registered with ``needs_labels=True`` (the supervised baseline);
 * ``model``, ``device``, ``image_shape`` (C, H, W), ``batch_size``, ``lr``,
   ``width``, ``seed``;
-* EM's options ``estep``, ``tol``, ``min_epochs``.
+* EM's options ``estep``, ``tol``, ``min_epochs``, ``multiclass_estep``;
+  LLP-GAN's ``gan_weight``.
 
 The interface a method implements is in :mod:`.common`.
 """
@@ -34,20 +37,23 @@ class MethodSpec:
     name: str
     cls: type  # the method's class (or any callable naming its arguments)
     help: str
-    num_outputs: int = 1  # network outputs: LLP-GAN's discriminator has K = 2 real-class logits
+    num_outputs: int = 1  # network outputs for two classes: LLP-GAN's discriminator has K = 2 real-class logits
     needs_labels: bool = False  # only then does the method get instance labels
     backbone: str | None = None  # the one backbone the method works with, if any
+    multiclass: bool = False  # whether it trains C-way classifiers from (B, C) count vectors ((N, C) logits)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, cls, help: str, *, num_outputs: int = 1, needs_labels: bool = False,
-                    backbone: str | None = None, replace: bool = False) -> MethodSpec:
-    """Add a method under ``name`` (an error if the name is taken, unless ``replace``)."""
+                    backbone: str | None = None, multiclass: bool = False, replace: bool = False) -> MethodSpec:
+    """Add a method under ``name`` (an error if the name is taken, unless ``replace``).
+    ``multiclass=True`` says it also trains from count vectors: its network then has
+    one output per class and it gets (B, C) counts."""
     if name in METHODS and not replace:
         raise ValueError(f"a method named {name!r} is registered already")
-    METHODS[name] = MethodSpec(name, cls, help, num_outputs, needs_labels, backbone)
+    METHODS[name] = MethodSpec(name, cls, help, num_outputs, needs_labels, backbone, multiclass)
     return METHODS[name]
 
 
@@ -81,8 +87,9 @@ def build_method(name: str, **offered):
         raise
 
 
-register_method("mle", EM, "EM (MLE-LLP, the default)")
-register_method("mle-direct", DirectLikelihood, "-log P(y|X) by gradient descent on minibatches of bags")
-register_method("dllp", DLLP, "DLLP's bag-proportion loss")
-register_method("supervised", Supervised, "instance labels (the upper bound)", needs_labels=True)
-register_method("llpgan", LLPGAN, "LLP-GAN", num_outputs=2, backbone="cnn")
+register_method("mle", EM, "EM (MLE-LLP, the default)", multiclass=True)
+register_method("mle-direct", DirectLikelihood, "-log P(y|X) by gradient descent on minibatches of bags",
+                multiclass=True)
+register_method("dllp", DLLP, "DLLP's bag-proportion loss", multiclass=True)
+register_method("supervised", Supervised, "instance labels (the upper bound)", needs_labels=True, multiclass=True)
+register_method("llpgan", LLPGAN, "LLP-GAN", num_outputs=2, backbone="cnn", multiclass=True)

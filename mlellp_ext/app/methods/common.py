@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from ...approx import lattice_states
+from ...bags import offsets_from_sizes
 from ...ops import DEFAULT_MAX_STATES, posterior
-from ..distributed import bag_mean, instance_mean, sync_gradients
+from ..distributed import all_sum, instance_mean, sync_gradients
 
 
 def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, world, *modules) -> None:
@@ -91,18 +92,32 @@ def fit_targets(model, optimizer, targets, batches, inputs, world, progress, des
 
 
 def mean_log_likelihood(logits, offsets, counts, world) -> float:
-    """L, the mean over all ranks' bags of log P(counts_b) under these logits (NaN
-    where a multi-class bag is over the exact E-step's state budget on some rank)."""
-    mean = float(log_likelihoods(logits, offsets, counts).mean()) if counts.shape[0] else 0.0
-    return bag_mean(world, mean, counts.shape[0])
+    """L, the mean over all ranks' bags of log P(counts_b) under these logits (multi-class
+    bags over the exact E-step's state budget left out; NaN if every bag is)."""
+    log_lik = log_likelihoods(logits, offsets, counts)
+    kept = log_lik[~torch.isnan(log_lik)] if counts.dim() == 2 else log_lik
+    total, num = float(kept.double().sum()) if kept.numel() else 0.0, kept.numel()
+    if world.distributed:
+        total, num = all_sum(world, [total, num])
+    return total / num if num else (math.nan if counts.dim() == 2 else 0.0)
 
 
 def log_likelihoods(logits, offsets, counts) -> torch.Tensor:
-    """log P(counts_b) of every bag, exactly; all NaN if a multi-class bag is over
-    the default state budget (its exact value would not fit in memory)."""
+    """log P(counts_b) of every bag, exactly; NaN for a multi-class bag over the
+    default state budget (its exact value would not fit in memory). A bag's cost
+    grows with its count vectors: about 45 ms for a bag of 32 over 10 classes."""
     logits = logits.detach().float()
-    if counts.dim() == 2 and counts.shape[0] and int(lattice_states(counts).max()) > DEFAULT_MAX_STATES:
-        return torch.full((counts.shape[0],), math.nan)
+    if counts.dim() == 2 and counts.shape[0]:
+        fits = lattice_states(counts) <= DEFAULT_MAX_STATES
+        if not bool(fits.all()):
+            out = torch.full((counts.shape[0],), math.nan)
+            which = torch.nonzero(fits).flatten()
+            if which.numel():
+                sizes = offsets.diff()
+                starts = offsets[:-1][which]
+                index = torch.cat([torch.arange(int(a), int(a) + int(n)) for a, n in zip(starts, sizes[which])])
+                out[which] = posterior(logits[index], offsets_from_sizes(sizes[which]), counts[which])[1].float()
+            return out
     return posterior(logits, offsets, counts)[1]
 
 
