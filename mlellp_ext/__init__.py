@@ -2,10 +2,13 @@
 
 The library (this package's top-level modules):
 
-* ops (``posterior``, ``posterior_multiclass``, ``log_pmf``, ``bag_log_likelihood``):
+* ops (``posterior``, ``posterior_multiclass``, ``posterior_weighted``, ``log_pmf``,
+  ``bag_log_likelihood``):
   the exact E-step as custom ops ``torch.ops.mlellp.*`` on CPU and CUDA, with
   autograd, torch.func and torch.compile support; ``posterior_multiclass_approx``
   (approx) for multi-class bags too large for the exact one;
+* ``count_weights``: likelihoods of uncertain counts (intervals, noise, label-DP
+  counts) for ``posterior_weighted``, and ``count_weights.privatize``;
 * ``EMTargets`` (em): EM's soft targets, for your own training loop;
 * ``dllp_loss`` (losses): DLLP's bag-proportion loss;
 * ``BagBatchSampler`` (samplers): DataLoader batches of whole bags;
@@ -17,23 +20,26 @@ command) is built on it; the library never imports it.
 import torch  # noqa: F401  (the library links against libtorch)
 
 from . import _C  # noqa: F401  (registers torch.ops.mlellp.*)
+from . import count_weights
 from .approx import posterior_multiclass_approx
 from .bags import offsets_from_sizes, sizes_from_offsets
 from .em import EMTargets
 from .losses import dllp_loss
-from .ops import bag_log_likelihood, log_pmf, posterior, posterior_multiclass
+from .ops import bag_log_likelihood, log_pmf, posterior, posterior_multiclass, posterior_weighted
 from .samplers import BagBatchSampler
 
 __all__ = [
     "BagBatchSampler",
     "EMTargets",
     "bag_log_likelihood",
+    "count_weights",
     "dllp_loss",
     "log_pmf",
     "offsets_from_sizes",
     "posterior",
     "posterior_multiclass",
     "posterior_multiclass_approx",
+    "posterior_weighted",
     "sizes_from_offsets",
 ]
 __version__ = "0.2.0"

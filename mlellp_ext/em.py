@@ -14,6 +14,11 @@ Multi-class bags: give (B, C) count vectors; the targets are then (N, C) class
 posteriors ``phi_ic = P(h_i = c | counts_b)`` (:func:`posterior_multiclass`) and the
 M-step is a cross-entropy against them, ``F.cross_entropy(model(x), em.targets(positions))``.
 
+Counts you cannot fully trust (an interval, a noisy or privatised count): give a
+floating (N + B,) tensor of count log-weights (:mod:`mlellp_ext.count_weights`) in
+place of the counts; the E-step is then :func:`posterior_weighted`, with targets
+``phi_i = P(h_i = 1 | o_b)`` and ``L = mean_b log P(o_b)``.
+
 Positions index the flat bag layout: bag b holds positions
 ``offsets[b]:offsets[b + 1]`` (see :mod:`mlellp_ext.bags`).
 """
@@ -25,7 +30,8 @@ import torch
 
 from .approx import posterior_multiclass_approx, posterior_multiclass_auto
 from .bags import check_bag_values, check_count_vectors
-from .ops import DEFAULT_MAX_STATES, _check_layout_fake, _check_multiclass_layout_fake, posterior
+from .ops import (DEFAULT_MAX_STATES, _check_layout_fake, _check_multiclass_layout_fake, _check_weighted_layout_fake,
+                  posterior, posterior_weighted)
 
 DEFAULT_TOL = 1e-4
 ESTEPS = ("exact", "approx", "auto")
@@ -42,7 +48,9 @@ class EMTargets:
         offsets: (B + 1,) int64 bag offsets (``offsets[-1] = N``), any device.
         counts: (B,) int64 observed count of positives per bag, ``0 <= y_b <= n_b``;
             or (B, C) int64 count vectors (multi-class), each row summing to its
-            bag's size.
+            bag's size; or a floating (N + B,) tensor of count log-weights
+            ``log P(o_b | S_b = k)`` (:func:`posterior_weighted`'s layout, built by
+            :mod:`mlellp_ext.count_weights`) for counts known only up to noise.
         tol: :attr:`converged` once ``|L - L_previous| < tol`` ...
         min_iterations: ... after at least this many :meth:`update` calls.
         max_states: multi-class only, the per-bag state budget of
@@ -90,9 +98,18 @@ class EMTargets:
                 raise ValueError(f"EMTargets: {name} must be an int64 tensor, got {type(t).__name__}")
         # The op's checks of the layout and its values, with its messages (the logits come later).
         self.num_classes = counts.shape[1] if counts.dim() == 2 else None
+        self.weighted = counts.is_floating_point()
         if estep not in ESTEPS:
             raise ValueError(f"EMTargets: estep must be one of {', '.join(ESTEPS)}, got {estep!r}")
-        if self.num_classes is not None:
+        if self.weighted:
+            if estep != "exact":
+                raise ValueError(f"EMTargets: estep={estep!r} is for count vectors ((B, C) counts); count "
+                                 f"log-weights always take the exact E-step")
+            _check_layout_fake("EMTargets", torch.empty(0, device=offsets.device), offsets)
+            n = int(offsets[-1])
+            check_bag_values("EMTargets", n, offsets, None)
+            _check_weighted_layout_fake("EMTargets", torch.empty(n, device=offsets.device), offsets, counts)
+        elif self.num_classes is not None:
             if not (isinstance(max_states, int) and max_states >= 1):
                 raise ValueError(f"EMTargets: max_states must be a positive integer, got {max_states!r}")
             _check_multiclass_layout_fake("EMTargets", torch.empty(0, self.num_classes, device=offsets.device),
@@ -108,10 +125,23 @@ class EMTargets:
             check_bag_values("EMTargets", n, offsets, counts)
         self.offsets, self.counts, self.max_states, self.estep = offsets, counts, max_states, estep
         self.approximated_bags = 0
-        self.num_instances, self.num_bags = n, counts.shape[0]
+        self.num_instances, self.num_bags = n, offsets.shape[0] - 1
         self.tol, self.min_iterations = float(tol), min_iterations
         sizes = offsets.diff()
-        ratio = counts.float() / (sizes.unsqueeze(1) if self.num_classes else sizes).clamp(min=1).float()
+        if self.weighted:  # the expected count under the weights alone, as a proportion
+            bag_of_k = torch.repeat_interleave(torch.arange(self.num_bags, device=offsets.device), sizes + 1,
+                                               output_size=counts.shape[0])
+            k = torch.arange(counts.shape[0], device=offsets.device) - (offsets + torch.arange(
+                offsets.shape[0], device=offsets.device))[bag_of_k]
+            w = counts.double()
+            w = torch.where(torch.isfinite(w), w, torch.full_like(w, -math.inf))
+            w = (w - torch.full((self.num_bags,), -math.inf, dtype=torch.float64, device=w.device)
+                 .scatter_reduce(0, bag_of_k, w, "amax")[bag_of_k]).exp().nan_to_num(0.0)
+            mass = torch.zeros(self.num_bags, dtype=torch.float64, device=w.device).index_add_(0, bag_of_k, w)
+            mean = torch.zeros_like(mass).index_add_(0, bag_of_k, w * k)
+            ratio = (mean / mass.clamp(min=1e-300) / sizes.clamp(min=1)).clamp(0, 1).float()
+        else:
+            ratio = counts.float() / (sizes.unsqueeze(1) if self.num_classes else sizes).clamp(min=1).float()
         self.phi = torch.repeat_interleave(ratio, sizes, dim=0, output_size=n)
         self.log_likelihood: float | None = None
         self.iterations = 0
@@ -163,7 +193,9 @@ class EMTargets:
                          f"((N, C) = ({self.num_instances}, {self.num_classes}))")
             raise ValueError(f"EMTargets.update: logits must be {what}, got {got}")
         offsets, counts = self._layout_on(logits.device)
-        if self.estep == "exact":
+        if self.weighted:
+            phi, log_lik = posterior_weighted(logits.detach(), offsets, counts)
+        elif self.estep == "exact":
             phi, log_lik = posterior(logits.detach(), offsets, counts, max_states=self.max_states)
         elif self.estep == "approx":
             phi, log_lik = posterior_multiclass_approx(logits.detach(), offsets, counts)

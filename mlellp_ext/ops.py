@@ -140,6 +140,28 @@ def _posterior_multiclass_fake(logits, offsets, counts, max_states=DEFAULT_MAX_S
     return phi, log_lik
 
 
+def _check_weighted_layout_fake(op, logits, offsets, count_log_weights):
+    """check_weighted_layout of csrc/ops/checks.cpp, in the same order and words."""
+    _check_layout_fake(op, logits, offsets)
+    expected = logits.shape[0] + offsets.shape[0] - 1
+    _check(op, count_log_weights.dim() == 1,
+           lambda: f"count_log_weights must be 1-D (log w_b(k) at offsets[b] + b + k, k = 0..n_b), got shape "
+                   f"{list(count_log_weights.shape)}")
+    _check_dtype(op, "count_log_weights", count_log_weights, _FLOATING, _FLOATING_TEXT)
+    _check(op, count_log_weights.shape[0] == expected,
+           lambda: f"count_log_weights must have len(logits) + num_bags = {logits.shape[0]} + "
+                   f"{offsets.shape[0] - 1} = {expected} elements (n_b + 1 per bag), got {count_log_weights.shape[0]}")
+    _check_device(op, "count_log_weights", count_log_weights, logits)
+
+
+@torch.library.register_fake("mlellp::posterior_weighted")
+def _posterior_weighted_fake(logits, offsets, count_log_weights):
+    _check_weighted_layout_fake("posterior_weighted", logits, offsets, count_log_weights)
+    phi = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    log_lik = logits.new_empty((offsets.shape[0] - 1,), dtype=_compute_dtype(logits.dtype))
+    return phi, log_lik
+
+
 @torch.library.register_fake("mlellp::log_pmf")
 def _log_pmf_fake(logits, offsets):
     _check_layout_fake("log_pmf", logits, offsets)
@@ -418,23 +440,135 @@ class _PosteriorFn(torch.autograd.Function):
 
 
 class _LogPmfFn(torch.autograd.Function):
+    """Reverse mode through posterior_weighted: for bag b and a gradient g_b(k) of
+    log P(S_b = k), sum_k g_b(k) (P(h_i = 1 | S_b = k) - sigma_i) = G (phi^w_i - sigma_i)
+    with weights w(k) = g_b(k) / P(S_b = k) and G = sum_k g_b(k) (phi^w: the op's
+    phi under those weights); g's positive and negative parts take one pass each."""
+
     @staticmethod
     def forward(logits, offsets):
         return _below_autograd("log_pmf", logits, offsets)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        logits, offsets = inputs
+        ctx.save_for_backward(logits, offsets, output)
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError(_LOG_PMF_NOT_DIFFERENTIABLE)
+        logits, offsets, out = ctx.saved_tensors
+        return _LogPmfVjpFn.apply(grad, logits, offsets, out), None
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise RuntimeError(_LOG_PMF_NOT_DIFFERENTIABLE)
+        raise RuntimeError("mlellp::log_pmf has no forward-mode derivative (reverse mode works)")
 
     vmap = staticmethod(lambda info, in_dims, *args: _log_pmf_vmap(_LogPmfFn.apply, info, in_dims, *args))
+
+
+_WEIGHTED_SECOND_ORDER = ("second derivatives of mlellp::posterior_weighted and mlellp::log_pmf are not "
+                          "supported (phi has no derivative there)")
+
+
+def _log_pmf_vjp(grad, logits, offsets, log_pmf_out):
+    """sum_k grad_b(k) d log P(S_b = k) / d logits (see _LogPmfFn), in the compute dtype."""
+    dtype = _compute_dtype(logits.dtype)
+    g, lp = grad.to(dtype), log_pmf_out.to(dtype)
+    num_bags = offsets.shape[0] - 1
+    bag_of_k = torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), offsets.diff() + 1,
+                                       output_size=g.shape[0])
+    sigma = torch.sigmoid(logits.to(dtype))
+    index = bag_index(offsets, logits.shape[0])
+    out = torch.zeros_like(sigma)
+    for sign, part in ((1.0, g.clamp(min=0)), (-1.0, (-g).clamp(min=0))):
+        total = torch.zeros(num_bags, dtype=dtype, device=g.device).index_add_(0, bag_of_k, part)
+        # Counts the logits make impossible (log P = -inf) carry no derivative.
+        logw = torch.where((part > 0) & (lp > -torch.inf), part.log() - lp, torch.full_like(part, -torch.inf))
+        phi, _ = _below_autograd("posterior_weighted", logits, offsets, logw)
+        used = (total > 0)[index]
+        out = out + sign * torch.where(used, total[index] * (phi.to(dtype) - sigma), torch.zeros_like(sigma))
+    return out.to(logits.dtype)
+
+
+class _LogPmfVjpFn(torch.autograd.Function):
+    """log_pmf's vector-Jacobian product; differentiating it raises."""
+
+    @staticmethod
+    def forward(grad, logits, offsets, log_pmf_out):
+        return _log_pmf_vjp(grad, logits, offsets, log_pmf_out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_WEIGHTED_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_WEIGHTED_SECOND_ORDER)
+
+
+class _PosteriorWeightedFn(torch.autograd.Function):
+    """Reverse mode through log_likelihood: w.r.t. the logits g_b (phi_i - sigma_i),
+    w.r.t. count_log_weights g_b P(S_b = k | o_b), the posterior of the true count
+    (from log_pmf). phi is a non-differentiable output (as posterior_multiclass's);
+    second derivatives and forward mode raise."""
+
+    @staticmethod
+    def forward(logits, offsets, count_log_weights):
+        return _below_autograd("posterior_weighted", logits, offsets, count_log_weights)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, offsets, count_log_weights = inputs
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(output[0])
+        ctx.save_for_backward(output[0], output[1], logits, offsets, count_log_weights)
+
+    @staticmethod
+    def backward(ctx, _grad_phi, grad_log_lik):
+        if grad_log_lik is None:
+            return None, None, None
+        phi, log_lik, logits, offsets, logw = ctx.saved_tensors
+        return _WeightedLogLikGradFn.apply(grad_log_lik, phi, log_lik, logits, offsets, logw,
+                                           ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError("mlellp::posterior_weighted has no forward-mode derivative")
+
+
+class _WeightedLogLikGradFn(torch.autograd.Function):
+    """(g, phi, log_lik, z, log w) -> (grad of the logits, grad of the log-weights); differentiating it raises."""
+
+    @staticmethod
+    def forward(grad_log_lik, phi, log_lik, logits, offsets, logw, want_logits, want_weights):
+        grad_logits = grad_weights = None
+        if want_logits:
+            grad_logits = _below_autograd("posterior_backward", grad_log_lik, phi, logits, offsets)
+        if want_weights:
+            dtype = _compute_dtype(logits.dtype)
+            lp = _below_autograd("log_pmf", logits, offsets).to(dtype)
+            bag_of_k = torch.repeat_interleave(torch.arange(offsets.shape[0] - 1, device=offsets.device),
+                                               offsets.diff() + 1, output_size=lp.shape[0])
+            w = logw.to(dtype)
+            post = torch.where(w > -torch.inf, (w + lp - log_lik.to(dtype)[bag_of_k]).exp(), torch.zeros_like(w))
+            grad_weights = (grad_log_lik.to(dtype)[bag_of_k] * post).to(logw.dtype)
+        return grad_logits, None, grad_weights
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_WEIGHTED_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_WEIGHTED_SECOND_ORDER)
 
 
 class _PosteriorMulticlassFn(torch.autograd.Function):
@@ -519,12 +653,6 @@ def _multiclass_log_lik_grad(grad_log_lik, phi, logits, offsets):
     return (g * (phi.to(dtype) - _log_softmax_exact(logits.to(dtype)).exp())).to(logits.dtype)
 
 
-_LOG_PMF_NOT_DIFFERENTIABLE = (
-    "mlellp::log_pmf is not differentiable; for a differentiable log-likelihood of observed "
-    "counts use mlellp_ext.bag_log_likelihood (or torch.ops.mlellp.posterior)"
-)
-
-
 def _needs_autodiff(*tensors):
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or _has_tangent(tensors)
 
@@ -562,7 +690,8 @@ def _ctx_in_forward(fn):
 
 _lib = torch.library.Library("mlellp", "IMPL")
 for _name, _fn in (("posterior", _PosteriorFn), ("posterior_backward", _PosteriorBackwardFn), ("phi_jvp", _PhiJvpFn),
-                   ("log_pmf", _LogPmfFn), ("posterior_multiclass", _PosteriorMulticlassFn)):
+                   ("log_pmf", _LogPmfFn), ("posterior_multiclass", _PosteriorMulticlassFn),
+                   ("posterior_weighted", _PosteriorWeightedFn)):
     _lib.impl(_name, _autograd_kernel(_name, _ctx_in_forward(_fn)), "Autograd")
 # For torch.vmap over torch.ops.mlellp.* called directly (without these, vmap loops over the batch).
 for _name, _rule in (("posterior", _posterior_vmap), ("posterior_backward", _posterior_backward_vmap),
@@ -691,8 +820,9 @@ def log_pmf(logits, offsets=None):
         (N + B,) flat tensor; bag b's ``log P(S_b = k)`` is at
         ``offsets[b] + b + k``. Returned as a jagged nested tensor (B, n_b + 1)
         when logits is nested. dtype as ``log_likelihood`` of
-        :func:`posterior`. Not differentiable (backward raises): use
-        :func:`bag_log_likelihood` for gradients.
+        :func:`posterior`. Differentiable w.r.t. logits in reverse mode (first
+        order; each backward is two :func:`posterior_weighted` passes); for the
+        log-likelihood of observed counts :func:`bag_log_likelihood` is cheaper.
 
     Example:
         >>> out = log_pmf(torch.tensor([0.0, 0.0]), offsets_from_sizes([2]))
@@ -705,6 +835,54 @@ def log_pmf(logits, offsets=None):
         pmf_offsets = offsets + torch.arange(offsets.numel(), device=offsets.device)
         out = torch.nested.nested_tensor_from_jagged(out, pmf_offsets)
     return out
+
+
+def posterior_weighted(logits, offsets, count_log_weights):
+    """E-step under uncertain counts: posteriors and log-likelihood of each bag's observation.
+
+    Bag b's observation o_b is given by its likelihood ``w_b(k) = P(o_b | S_b = k)`` for
+    every true count k = 0..n_b (an exact count: one-hot; an interval: 1 inside, 0
+    outside; additive noise o = S + e: ``P_e(o - k)``; :mod:`mlellp_ext.count_weights`
+    builds them). Returns ``(phi, log_likelihood)`` with
+    ``phi[i] = P(h_i = 1 | o_b)`` and
+    ``log_likelihood[b] = log sum_k w_b(k) P(S_b = k)``, exactly, in
+    O(n_b * (min(hi, n_b - lo) + 1)) per bag for weights supported on [lo, hi] (as
+    :func:`posterior` for one count in that range).
+
+    Args:
+        logits: (N,) float32/float64 (float16/bfloat16 computed in float32).
+        offsets: (B + 1,) int64, the bag layout of :func:`posterior`.
+        count_log_weights: (N + B,) floating, ``log w_b(k)`` at ``offsets[b] + b + k``
+            (the layout of :func:`log_pmf`'s output); -inf for a count the
+            observation rules out. Only ratios within a bag matter to phi; the
+            scale adds to log_likelihood.
+
+    Returns:
+        phi: (N,) in the dtype of logits; not differentiable (a tensor that does
+            not require grad: EM's fixed target).
+        log_likelihood: (B,), dtype as :func:`posterior`'s; differentiable (first
+            order) w.r.t. logits (``g_b (phi_i - sigmoid(z_i))``) and w.r.t.
+            count_log_weights (``g_b P(S_b = k | o_b)``, the posterior of the true
+            count, e.g. to learn a noise model's parameters).
+        A bag whose weights are all -inf, or -inf wherever the logits allow mass,
+        gets log_likelihood -inf and NaN phi; a NaN (or +inf) weight or a NaN logit
+        makes its own bag NaN. One-hot weights give :func:`posterior`'s results
+        exactly.
+
+    Example:
+        >>> from mlellp_ext import count_weights
+        >>> offsets, sizes = offsets_from_sizes([3, 2]), torch.tensor([3, 2])
+        >>> w = count_weights.interval(torch.tensor([1, 0]), torch.tensor([2, 1]), sizes)
+        >>> phi, ll = posterior_weighted(torch.randn(5), offsets, w)
+        >>> phi.shape, ll.shape
+        (torch.Size([5]), torch.Size([2]))
+    """
+    if offsets is None or count_log_weights is None:
+        raise ValueError("posterior_weighted: offsets and count_log_weights are required")
+    for name, t in (("logits", logits), ("offsets", offsets), ("count_log_weights", count_log_weights)):
+        if getattr(t, "is_nested", False):
+            raise ValueError(f"posterior_weighted: {name} must be a plain tensor, got a nested tensor")
+    return _apply(_PosteriorWeightedFn, torch.ops.mlellp.posterior_weighted, logits, offsets, count_log_weights)
 
 
 _REDUCTIONS = ("none", "mean", "sum")

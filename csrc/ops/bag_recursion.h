@@ -329,9 +329,13 @@ MLELLP_HD void copy_row(const Team& team, const T* from, T* to, int64_t len) {
 // recomputation); larger ones use block ~ sqrt(n), at the price of one more
 // forward pass. A bag of 100,000 instances with y = 50,000 needs 3.2e7
 // entries (~250 MB in float64) instead of 5e9.
+//
+// g_init, if given, is the last backward row g_n(k), k = ylo..yhi, in the
+// policy's arithmetic (posterior_weighted: the count's weights w(k), scaled to
+// a maximum of one); else g_n(k) = 1 on [ylo, yhi].
 template <typename Team, typename A, typename T>
 MLELLP_HD bool posterior_recursion(const Team& team, A& ar, int64_t n, int64_t ylo, int64_t yhi, T* phi,
-                                   T* log_lik, T* ws) {
+                                   T* log_lik, T* ws, const T* g_init = nullptr) {
   const Band band{n, ylo, yhi};
   const int64_t W = band.width();
   const int64_t s = checkpoint_block(n);
@@ -355,7 +359,9 @@ MLELLP_HD bool posterior_recursion(const Team& team, A& ar, int64_t n, int64_t y
 
   {
     const int64_t lo = band.lo(n), hi = band.hi(n);
-    for (int64_t k = lo + team.rank(); k <= hi; k += team.size()) g_cur[k - lo] = ar.one();
+    for (int64_t k = lo + team.rank(); k <= hi; k += team.size()) {
+      g_cur[k - lo] = g_init != nullptr ? g_init[k - lo] : ar.one();
+    }
   }
   for (int64_t c = blocks - 1; c >= 0; --c) {
     const int64_t start = c * s, end = start + s < n ? start + s : n;  // rows start..end-1
@@ -670,6 +676,122 @@ MLELLP_HD void posterior_bag(const Team& team, const T* z, int64_t n, int64_t yl
     for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
   }
   team.sync();  // the next bag may reuse the workspace
+}
+
+// ---------------------------------------------------------------------------
+// One bag of posterior_weighted: the observation o has likelihood w(k) =
+// P(o | S = k), given as log w(k) for k = 0..n (logw; -inf allowed), and
+//   P(o) = sum_k w(k) P(S = k),   phi_i = P(h_i = 1 | o).
+// That is the recursion above with the backward pass started from g_n = w
+// instead of the indicator of a count: over the band of w's support
+// [ylo, yhi] (its first and last finite entries), so a bag costs
+// O(n * (min(yhi, n - ylo) + 1)), as posterior does for a count in it.
+// Weights are scaled to a maximum of one (log: maximum 0), and the maximum is
+// added back to log P(o). A support of one count is posterior_bag exactly
+// (the same row of ones; tilting included), plus that count's log-weight.
+// NaN in z or in logw, or a log-weight of +inf: phi and log_lik NaN. All
+// weights -inf (no count possible), or none where the logits allow mass:
+// log_lik = -inf and phi NaN.
+// ws: weighted_workspace(n, ylo, yhi) entries, found by weight_support.
+
+// The support [*ylo, *yhi] of logw[0..n]; false (and *bad set) if it has
+// NaN or +inf (*bad = true) or no finite entry (*bad = false).
+template <typename T>
+MLELLP_HD bool weight_support(const T* logw, int64_t n, int64_t* ylo, int64_t* yhi, bool* bad) {
+  *ylo = -1;
+  *yhi = -1;
+  *bad = false;
+  for (int64_t k = 0; k <= n; ++k) {
+    const T w = logw[k];
+    if (is_nan(w) || w == inf_value<T>()) {
+      *bad = true;
+      return false;
+    }
+    if (w != -inf_value<T>()) {
+      if (*ylo < 0) *ylo = k;
+      *yhi = k;
+    }
+  }
+  return *ylo >= 0;
+}
+
+MLELLP_HD int64_t weighted_workspace(int64_t n, int64_t ylo, int64_t yhi) {
+  return n == 0 ? 0 : posterior_workspace(n, ylo, yhi) + (yhi - ylo + 1);
+}
+
+template <typename Team, typename T>
+MLELLP_HD void posterior_weighted_bag(const Team& team, const T* z, int64_t n, const T* logw, T* phi, T* log_lik,
+                                      T* ws) {
+  int64_t ylo, yhi;
+  bool bad;
+  const bool any = weight_support(logw, n, &ylo, &yhi, &bad);
+  T wmax = -inf_value<T>();
+  for (int64_t k = ylo; any && k <= yhi; ++k) wmax = logw[k] > wmax ? logw[k] : wmax;
+  if (!any) {  // NaN/+inf weights: NaN; no possible count: -inf (phi NaN either way)
+    for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
+    if (team.rank() == 0) *log_lik = bad ? nan_value<T>() : -inf_value<T>();
+    team.sync();
+    return;
+  }
+  if (n == 0) {  // S = 0 surely
+    if (team.rank() == 0) *log_lik = logw[0];
+    team.sync();
+    return;
+  }
+  if (ylo == yhi) {  // one count: the posterior op's path, bit for bit
+    posterior_bag(team, z, n, ylo, yhi, phi, log_lik, ws);
+    if (team.rank() == 0) *log_lik += logw[ylo];
+    team.sync();
+    return;
+  }
+  T* p = ws;
+  T* q = ws + n;
+  T* rows = ws + 2 * n;
+  T* init = ws + posterior_workspace(n, ylo, yhi);
+  const int64_t len = yhi - ylo + 1;
+  T flags[2] = {T(0), T(0)};  // any NaN, any infinite logit
+  for (int64_t i = team.rank(); i < n; i += team.size()) {
+    const T zi = z[i];
+    flags[0] = is_nan(zi) ? T(1) : flags[0];
+    flags[1] = is_inf(zi) ? T(1) : flags[1];
+    sigmoid_pair(zi, p + i, q + i);
+  }
+  team.reduce(flags, 2, [](int, T a, T b) { return a > b ? a : b; });
+  if (flags[0] != T(0)) {
+    for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
+    if (team.rank() == 0) *log_lik = nan_value<T>();
+    team.sync();
+    return;
+  }
+  bool done = false;
+  if (flags[1] == T(0)) {
+    // Weights as probabilities with maximum one; those below tiny_value are
+    // flushed, an entry error that ScaledArith's overlap check bounds as it
+    // does the rows' own flushing.
+    const T tiny = tiny_value<T>();
+    for (int64_t k = team.rank(); k < len; k += team.size()) {
+      const T v = m_exp(logw[ylo + k] - wmax);
+      init[k] = v >= tiny ? v : T(0);
+    }
+    team.sync();
+    ScaledArith<T> scaled(p, q, n, Band{n, ylo, yhi}.width());
+    done = posterior_recursion(team, scaled, n, ylo, yhi, phi, log_lik, rows, init);
+  }
+  if (!done) {
+    team.sync();
+    for (int64_t i = team.rank(); i < n; i += team.size()) log_sigmoid_pair(z[i], p + i, q + i);
+    for (int64_t k = team.rank(); k < len; k += team.size()) init[k] = logw[ylo + k] - wmax;
+    team.sync();
+    LogArith<T> logs(p, q);
+    posterior_recursion(team, logs, n, ylo, yhi, phi, log_lik, rows, init);
+  }
+  team.sync();
+  if (team.rank() == 0) *log_lik += wmax;
+  team.sync();
+  if (*log_lik == -inf_value<T>()) {
+    for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
+  }
+  team.sync();
 }
 
 // One bag of log_pmf: out[k] = log P(S = k), k = 0..n. The recursion runs in

@@ -73,6 +73,25 @@ void check_phi_jvp_layout(const char* op, const at::Tensor& tangent, const at::T
                     " but logits is on ", logits.device());
 }
 
+void check_weighted_layout(const char* op, const at::Tensor& logits, const at::Tensor& offsets,
+                           const at::Tensor& count_log_weights) {
+  check_bag_layout(op, logits, offsets, nullptr);
+  TORCH_CHECK_VALUE(count_log_weights.defined(), op, ": count_log_weights is required, got None");
+  const int64_t expected = logits.numel() + offsets.numel() - 1;
+  TORCH_CHECK_VALUE(count_log_weights.dim() == 1, op,
+                    ": count_log_weights must be 1-D (log w_b(k) at offsets[b] + b + k, k = 0..n_b), got shape ",
+                    count_log_weights.sizes());
+  TORCH_CHECK_VALUE(is_floating(count_log_weights.scalar_type()), op,
+                    ": count_log_weights must be float32, float64, float16 or bfloat16, got ",
+                    count_log_weights.scalar_type());
+  TORCH_CHECK_VALUE(count_log_weights.numel() == expected, op,
+                    ": count_log_weights must have len(logits) + num_bags = ", logits.numel(), " + ",
+                    offsets.numel() - 1, " = ", expected, " elements (n_b + 1 per bag), got ",
+                    count_log_weights.numel());
+  TORCH_CHECK_VALUE(count_log_weights.device() == logits.device(), op, ": count_log_weights is on ",
+                    count_log_weights.device(), " but logits is on ", logits.device());
+}
+
 void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,
                            const int64_t* counts) {
   TORCH_CHECK_VALUE(offsets[0] == 0, op, ": offsets[0] must be 0, got ", offsets[0]);

@@ -50,6 +50,11 @@ void check_multiclass_layout(const char* op, const at::Tensor& logits, const at:
 void check_multiclass_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,
                                   const int64_t* counts, int64_t num_classes, int64_t max_states);
 
+// posterior_weighted's inputs: check_bag_layout of (logits, offsets), then
+// count_log_weights 1-D floating of length N + B on logits' device. Reads no tensor data.
+void check_weighted_layout(const char* op, const at::Tensor& logits, const at::Tensor& offsets,
+                           const at::Tensor& count_log_weights);
+
 // float for float16/bfloat16, else the dtype itself (float32/float64).
 at::ScalarType compute_dtype(at::ScalarType dtype);
 
