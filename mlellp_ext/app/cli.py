@@ -22,11 +22,11 @@ import sys
 from .data import DATASETS, DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION, DataError
 from .methods import ESTEP_MODES, METHODS
 from .models import BACKBONES
-from .train import LR_SCHEDULES, MULTICLASS_ESTEPS, TrainConfig
+from .train import COUNT_NOISE_MODELS, LR_SCHEDULES, MULTICLASS_ESTEPS, TrainConfig
 
 # train's defaults are TrainConfig's (one place for each).
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-DATA_OPTIONS = ("dataset", "data_root", "classes", "download", "test_root", "counts_file", "bag_size",
+DATA_OPTIONS = ("dataset", "data_root", "classes", "download", "test_root", "counts_file", "count_noise", "bag_size",
                 "num_bags", "test_fraction", "seed")
 
 
@@ -55,6 +55,9 @@ def _add_data_options(p, defaults: bool):
     g.add_argument("--counts-file", default=None,
                    help="manifest: CSV of bag counts: bag,count (two classes) or bag,CLASS1,...,CLASSC (the header "
                         "names the classes; each row sums to its bag's size)")
+    g.add_argument("--count-noise", default=None,
+                   help="manifest with bag,count: the counts are noisy observations, laplace:SCALE (discrete "
+                        "Laplace, integers) or gaussian:SIGMA (real numbers); they may lie outside 0..n")
     g.add_argument("--bag-size", default=None,
                    help="digits, npz, cifar10: random bag sizes LO:HI, uniform" + dflt(":".join(map(str, DEFAULT_BAG_SIZE))) +
                         "; family-faces and manifest bags are given")
@@ -93,6 +96,13 @@ def build_parser():
                    help="--method mle with count vectors: exact E-step (an error for a bag over the state budget of "
                         "2^24 count vectors), approx (per-class posteriors fitted to the counts), or auto (exact "
                         "where the budget allows, approximate beyond; each epoch says how many bags)")
+    t.add_argument("--privatize-counts", type=float, default=None, metavar="EPS",
+                   help="release each training bag's count with discrete Laplace noise of scale 1/EPS (label "
+                        "differential privacy), seeded by --seed, and train with that noise model")
+    t.add_argument("--count-noise-model", choices=COUNT_NOISE_MODELS, default=DEFAULTS["count_noise_model"],
+                   help="noisy or interval counts: matched (their exact likelihood; mle and mle-direct) or ignore "
+                        "(the observed count clipped to 0..n, or an interval's midpoint, taken as exact); dllp "
+                        "always takes the clipped count")
     t.add_argument("--tol", type=float, default=DEFAULTS["tol"],
                    help="EM stops when |change of mean bag log-likelihood| < tol")
     t.add_argument("--gan-weight", type=float, default=DEFAULTS["gan_weight"],
@@ -172,10 +182,11 @@ def _model_and_bags(args):
     other = (overrides.get("dataset", cfg.dataset) != cfg.dataset
              or ("data_root" in overrides and not _same_file(overrides["data_root"], cfg.data_root)))
     if overrides.get("dataset", cfg.dataset) != cfg.dataset:  # another dataset: none of the stored one's files
-        cfg = dataclasses.replace(cfg, data_root=None, classes=None, download=False, test_root=None, counts_file=None)
+        cfg = dataclasses.replace(cfg, data_root=None, classes=None, download=False, test_root=None, counts_file=None,
+                                  count_noise=None)
     if other:
         if "counts_file" not in overrides:  # the training run's counts belong to its own instances
-            cfg = dataclasses.replace(cfg, counts_file=None)
+            cfg = dataclasses.replace(cfg, counts_file=None, count_noise=overrides.get("count_noise"))
         if args.split not in (None, "all"):
             raise DataError(f"--split {args.split} applies to the model's own data; data other than the model's "
                             f"(--dataset/--data-root) is scored whole")

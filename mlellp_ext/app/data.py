@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import count_weights
 from ..bags import offsets_from_sizes, sizes_from_offsets
 
 __all__ = [
@@ -87,6 +88,10 @@ class Bags:
     offsets: torch.Tensor  # int64 (B+1,), offsets[0]=0, bag b = index[offsets[b]:offsets[b+1]]
     counts: torch.Tensor  # int64 (B,) positives per bag with 2 classes; (B, C) count vectors with C >= 3
     bag_ids: list[str]  # (B,) a name per bag (str(b) for random bags, the given id otherwise)
+    # Counts known only up to a likelihood (intervals, noise): log P(observation | S_b = k) at
+    # offsets[b] + b + k (mlellp_ext.count_weights); counts then holds a point value of it
+    # (the clipped observed count, an interval's midpoint) for methods that need one.
+    count_log_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -155,6 +160,17 @@ def random_bags(num_instances: int, num_bags: int | None, size_range: tuple[int,
     return perm[: int(sizes.sum())].contiguous(), offsets_from_sizes(sizes)
 
 
+def bag_weights(count_log_weights: torch.Tensor, offsets: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """The count log-weights of the bags numbered ``which``, in their own layout (bag
+    after bag, n_b + 1 entries each; bag b's start at ``offsets[b] + b`` in the input)."""
+    which = torch.as_tensor(which, dtype=torch.int64)
+    sizes = (offsets[1:] - offsets[:-1])[which]
+    starts = offsets[:-1][which] + which  # where each chosen bag's entries start in the input
+    new_starts = torch.cumsum(sizes + 1, 0) - (sizes + 1)
+    pos = torch.repeat_interleave(starts - new_starts, sizes + 1) + torch.arange(int((sizes + 1).sum()))
+    return count_log_weights[pos]
+
+
 def subset_bags(bags: Bags, which: torch.Tensor) -> Bags:
     """The bags numbered ``which`` (int64, in that order), re-packed contiguously."""
     which = torch.as_tensor(which, dtype=torch.int64)
@@ -163,8 +179,9 @@ def subset_bags(bags: Bags, which: torch.Tensor) -> Bags:
     # Position j of new bag k is old position starts[k] + (j - offsets[k]).
     shift = torch.repeat_interleave(bags.offsets[:-1][which] - offsets[:-1], sizes)
     pos = shift + torch.arange(int(offsets[-1]), dtype=torch.int64)
+    weights = None if bags.count_log_weights is None else bag_weights(bags.count_log_weights, bags.offsets, which)
     return Bags(index=bags.index[pos], offsets=offsets, counts=bags.counts[which].clone(),
-                bag_ids=[bags.bag_ids[int(b)] for b in which])
+                bag_ids=[bags.bag_ids[int(b)] for b in which], count_log_weights=weights)
 
 
 def split_bags(bags: Bags, test_fraction: float, generator: torch.Generator) -> tuple[Bags, Bags]:
@@ -492,13 +509,43 @@ def _field(fields: list[str], cols: dict[str, int], name: str) -> str:
     return fields[i] if i < len(fields) else ""
 
 
+COUNT_NOISES = ("laplace", "gaussian")
+
+
+def parse_count_noise(text: str) -> tuple[str, float]:
+    """``'laplace:1.5'`` -> ``('laplace', 1.5)``; ``'gaussian:SIGMA'`` likewise."""
+    m = re.fullmatch(r"\s*(\w+)\s*:\s*([0-9.eE+-]+)\s*", str(text))
+    kind, value = (m.group(1).lower(), m.group(2)) if m else (None, None)
+    try:
+        value = float(value) if value is not None else None
+    except ValueError:
+        value = None
+    if kind not in COUNT_NOISES or value is None or not (math.isfinite(value) and value > 0):
+        raise DataError(f"--count-noise must be laplace:SCALE or gaussian:SIGMA with a positive number, got {text!r}")
+    return kind, value
+
+
+def noise_weights(noise: tuple[str, float], observed: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Count log-weights of observations ``observed`` (true count plus noise) under ``noise``."""
+    kind, value = noise
+    return (count_weights.laplace if kind == "laplace" else count_weights.gaussian)(observed, value, sizes)
+
+
 def _count_columns(counts_path: str):
-    """The counts CSV's rows and layout: ``(cols, rows, class_columns, classes)``.
-    ``bag,count`` is two classes named 0 and 1 (count = instances of 1); otherwise
-    every column but ``bag`` is a class, named by its header (two or more)."""
+    """The counts CSV's rows and layout: ``(cols, rows, count_columns, classes)``.
+    ``bag,count`` is two classes named 0 and 1 (count = instances of 1);
+    ``bag,count_lo,count_hi`` the same with the count known to lie in an interval;
+    otherwise every column but ``bag`` is a class, named by its header (two or more)."""
     cols, rows, names = _read_csv(counts_path, "counts", ("bag",), all_columns=True)
     lower = [n.lower() for n in names]
     class_cols = [i for i, n in enumerate(lower) if n not in ("bag", "")]
+    if "count_lo" in lower or "count_hi" in lower:
+        others = [names[i] for i in class_cols if lower[i] not in ("count_lo", "count_hi")]
+        if others or not ("count_lo" in lower and "count_hi" in lower):
+            raise DataError(f"{counts_path}, line 1: an interval of counts needs the header bag,count_lo,count_hi "
+                            f"(two classes; the count of class 1 lies in [count_lo, count_hi]), found "
+                            f"{','.join(names)}")
+        return cols, rows, [lower.index("count_lo"), lower.index("count_hi")], ["0", "1"]
     if "count" in lower:
         others = [names[i] for i in class_cols if lower[i] != "count"]
         if others:
@@ -526,7 +573,7 @@ def _parse_label(text: str, classes: list[str], where: str) -> int | None:
                     f"0..{len(classes) - 1}, got {text!r}")
 
 
-def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
+def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags, noise=None):
     """Instances, labels and given bags from an instances CSV and a counts CSV.
 
     Checks both files completely (cheap) before opening any image, so a typo is
@@ -540,6 +587,11 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
     if not rows:
         raise DataError(f"{csv_path}: no instances after the header")
     ccols, crows, class_cols, classes = _count_columns(counts_path)
+    lower_header = [h.lower() for h in _read_csv(counts_path, "counts", ("bag",), all_columns=True)[2]]
+    interval = "count_lo" in lower_header
+    if noise is not None and (interval or len(classes) > 2 or "count" not in lower_header):
+        raise DataError(f"--count-noise applies to a counts CSV bag,count (one observed count per bag); "
+                        f"{counts_path} has {','.join(lower_header)}")
     base = os.path.dirname(os.path.abspath(csv_path))
     paths, lines, labels, bag_of = [], [], [], []
     first_line: dict[str, int] = {}
@@ -575,9 +627,18 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
             raise DataError(f"{where}: bag {bag!r} has no instances in {csv_path}")
         size = len(members[bag])
         vector = []
-        for i, name in zip(class_cols, classes if len(class_cols) > 1 else ["count"]):
+        labels_of = ["count_lo", "count_hi"] if interval else classes if len(class_cols) > 1 else ["count"]
+        for i, name in zip(class_cols, labels_of):
             text = fields[i] if i < len(fields) else ""
-            what = "count" if len(class_cols) == 1 else f"count of class {name!r}"
+            what = name if interval or len(class_cols) == 1 else f"count of class {name!r}"
+            if noise is not None:  # an observation with noise: any integer (laplace) or number (gaussian)
+                pattern = r"[+-]?\d+" if noise[0] == "laplace" else r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
+                if not re.fullmatch(pattern, text):
+                    kind = "an integer" if noise[0] == "laplace" else "a number"
+                    raise DataError(f"{where}: {what} {text!r} for bag {bag!r} is not {kind} "
+                                    f"(--count-noise {noise[0]}:{noise[1]:g})")
+                vector.append(float(text))
+                continue
             if not re.fullmatch(r"[+-]?\d+", text):
                 raise DataError(f"{where}: {what} {text!r} for bag {bag!r} is not an integer")
             count = int(text)
@@ -586,7 +647,9 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
             if count > size:
                 raise DataError(f"{where}: {what} {count} for bag {bag!r} is larger than its {size} instances")
             vector.append(count)
-        if len(vector) > 1 and sum(vector) != size:
+        if interval and vector[0] > vector[1]:
+            raise DataError(f"{where}: count_lo {vector[0]} for bag {bag!r} is larger than its count_hi {vector[1]}")
+        if len(vector) > 1 and not interval and sum(vector) != size:
             raise DataError(f"{where}: the counts of bag {bag!r} sum to {sum(vector)}, but it has {size} "
                             f"instances in {csv_path} (every instance is of exactly one class)")
         counts[bag] = vector
@@ -612,11 +675,21 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
     has_labels = all(labels[i] is not None for i in order)
     y = torch.tensor([labels[i] for i in order], dtype=torch.int64) if has_labels else None
     sizes = torch.tensor([len(members[b]) for b in bag_order], dtype=torch.int64)
-    count_tensor = torch.tensor([counts[b] for b in bag_order], dtype=torch.int64)
-    # Two classes: the count of the second (label 1), as for every binary dataset.
-    count_tensor = count_tensor[:, -1].contiguous() if len(classes) == 2 else count_tensor
+    weights = None
+    if interval:  # the interval's likelihood; its midpoint (rounded down) where a point count is needed
+        lo_hi = torch.tensor([counts[b] for b in bag_order], dtype=torch.int64)
+        weights = count_weights.interval(lo_hi[:, 0], lo_hi[:, 1], sizes)
+        count_tensor = (lo_hi[:, 0] + lo_hi[:, 1]) // 2
+    elif noise is not None:  # the noise model's likelihood; the observation clipped to 0..n as a point count
+        observed = torch.tensor([counts[b][0] for b in bag_order], dtype=torch.float64)
+        weights = noise_weights(noise, observed, sizes)
+        count_tensor = torch.minimum(observed.round().clamp(min=0).long(), sizes)
+    else:
+        count_tensor = torch.tensor([counts[b] for b in bag_order], dtype=torch.int64)
+        # Two classes: the count of the second (label 1), as for every binary dataset.
+        count_tensor = count_tensor[:, -1].contiguous() if len(classes) == 2 else count_tensor
     bags = Bags(index=torch.arange(len(order), dtype=torch.int64), offsets=offsets_from_sizes(sizes),
-                counts=count_tensor, bag_ids=bag_order)
+                counts=count_tensor, bag_ids=bag_order, count_log_weights=weights)
     data = InstanceData(x=_stack_nchw(images), y=y, classes=classes, is_rgb=True,
                         source=f"manifest {csv_path} with counts {counts_path}: {len(order)} images in "
                                f"{len(bag_order)} bags, {size[1]}x{size[0]}, classes {', '.join(classes)}")
@@ -626,7 +699,7 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags):
 def load_dataset(name: str, *, data_root: str | None = None, classes: str | None = None,
                  download: bool = False, bag_size: tuple[int, int] | None = None, num_bags: int | None = None,
                  test_fraction: float | None = None, seed: int = 0, test_root: str | None = None,
-                 counts_file: str | None = None) -> BagDataset:
+                 counts_file: str | None = None, count_noise: str | None = None) -> BagDataset:
     """Load instances, form bags and split them into train and test; see the module docstring.
 
     Args:
@@ -650,7 +723,11 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
         test_root: npz: a second .npz whose random bags are the test set (then
             all bags of ``data_root`` train); cifar10: ``"official"`` takes test
             bags from the CIFAR-10 test set.
-        counts_file: manifest: CSV ``bag,count``, or ``bag,CLASS1,...,CLASSC`` (a count per class).
+        counts_file: manifest: CSV ``bag,count``, ``bag,count_lo,count_hi`` (the count lies in
+            an interval) or ``bag,CLASS1,...,CLASSC`` (a count per class).
+        count_noise: manifest with ``bag,count``: ``"laplace:SCALE"`` or ``"gaussian:SIGMA"``,
+            the counts are observations of the true count plus that noise (they may
+            lie outside 0..n; gaussian ones need not be integers).
 
     An option given to a dataset that does not use it raises DataError.
     """
@@ -663,6 +740,7 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
     for option, value, takers in (("--data-root", data_root, ("npz", "cifar10", "family-faces", "manifest")),
                                   ("--classes", classes, ("digits", "npz", "cifar10")),
                                   ("--counts-file", counts_file, ("manifest",)),
+                                  ("--count-noise", count_noise, ("manifest",)),
                                   ("--download", download or None, ("cifar10",)),
                                   ("--bag-size", sizes, ("digits", "npz", "cifar10"))):
         if value is not None and name in DATASETS and name not in takers:
@@ -723,7 +801,8 @@ def load_dataset(name: str, *, data_root: str | None = None, classes: str | None
     if name == "family-faces":
         data, bags = _load_family_faces(data_root, num_bags)
     elif name == "manifest":
-        data, bags = _load_manifest(data_root, counts_file, num_bags)
+        data, bags = _load_manifest(data_root, counts_file, num_bags,
+                                    None if count_noise is None else parse_count_noise(count_noise))
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     train, test = split_bags(bags, test_fraction, gen)

@@ -38,6 +38,7 @@ from .models import build_backbone
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "L", "e_step_seconds", "inference_seconds", "m_step_seconds",
                   "epoch_seconds", "test_accuracy", "test_auc", "test_bag_mae", "test_L", "approximated_bags")
 MULTICLASS_ESTEPS = ("exact", "approx", "auto")
+COUNT_NOISE_MODELS = ("matched", "ignore")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
     download: bool = False
     test_root: str | None = None
     counts_file: str | None = None
+    count_noise: str | None = None  # manifest: laplace:SCALE or gaussian:SIGMA noise on the given counts
     bag_size: str | None = None  # None: the dataset's default (2:12 for random bags; given bags as they are)
     num_bags: int | None = None
     test_fraction: float | None = None  # None: 0.2, or none with test_root
@@ -78,6 +80,8 @@ class TrainConfig:
     tol: float = DEFAULT_TOL
     min_epochs: int = DEFAULT_MIN_ITERATIONS
     gan_weight: float = GAN_WEIGHT  # LLP-GAN's weight of its real/fake terms
+    privatize_counts: float | None = None  # epsilon: release training counts with discrete Laplace noise
+    count_noise_model: str = "matched"  # noisy/interval counts: their likelihood, or "ignore" (clipped, as exact)
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -96,6 +100,13 @@ def check_options(cfg: TrainConfig) -> None:
             bad(option, value, "at least 1")
     if cfg.min_epochs < 0:
         bad("--min-epochs", cfg.min_epochs, "non-negative")
+    if cfg.count_noise_model not in COUNT_NOISE_MODELS:
+        bad("--count-noise-model", cfg.count_noise_model, f"one of {', '.join(COUNT_NOISE_MODELS)}")
+    if cfg.privatize_counts is not None and not (cfg.privatize_counts > 0):
+        bad("--privatize-counts", cfg.privatize_counts, "a positive epsilon (inf: no noise)")
+    if cfg.privatize_counts is not None and cfg.count_noise is not None:
+        raise DataError("--privatize-counts adds noise to exact counts; the counts of --count-noise are noisy "
+                        "already (use one of them)")
     if cfg.multiclass_estep not in MULTICLASS_ESTEPS:
         bad("--multiclass-estep", cfg.multiclass_estep, f"one of {', '.join(MULTICLASS_ESTEPS)}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -123,7 +134,7 @@ def load_data(cfg) -> BagDataset:
     return load_dataset(cfg.dataset, data_root=cfg.data_root, classes=cfg.classes, download=cfg.download,
                         bag_size=None if cfg.bag_size is None else parse_bag_size(cfg.bag_size), num_bags=cfg.num_bags,
                         test_fraction=cfg.test_fraction, seed=cfg.seed, test_root=cfg.test_root,
-                        counts_file=cfg.counts_file)
+                        counts_file=cfg.counts_file, count_noise=getattr(cfg, "count_noise", None))
 
 
 def bag_metrics(model, preprocess, data, bags, batch_size) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -201,6 +212,31 @@ def auc(score: torch.Tensor, y: torch.Tensor) -> float:
     return float(roc_auc_score(y.numpy(), score.double().numpy()))
 
 
+def observed_training_bags(cfg: TrainConfig, dataset: BagDataset):
+    """The training bags as the learner sees them: with --privatize-counts EPS each
+    count gets discrete Laplace noise of scale 1/EPS (seeded by --seed), with the
+    matching likelihood as count_log_weights and the clipped noisy count as the
+    point count; --count-noise-model ignore drops the likelihood of noisy or
+    interval counts (the point counts are then taken as exact)."""
+    train = dataset.train
+    noisy = cfg.privatize_counts is not None or train.count_log_weights is not None
+    if noisy and train.counts.dim() == 2:
+        raise DataError("noisy or interval counts (--privatize-counts, --count-noise, count_lo/count_hi) are "
+                        "supported for two classes only; these bags have count vectors")
+    if cfg.privatize_counts is not None and not math.isinf(cfg.privatize_counts):
+        from .. import count_weights
+
+        sizes = train.offsets.diff()
+        gen = torch.Generator().manual_seed(cfg.seed + 104729)  # a stream of its own
+        released = count_weights.privatize(train.counts, cfg.privatize_counts, generator=gen)
+        train = dataclasses.replace(train, counts=torch.minimum(released.clamp(min=0), sizes),
+                                    count_log_weights=count_weights.laplace(released.double(),
+                                                                            1.0 / cfg.privatize_counts, sizes))
+    if cfg.count_noise_model == "ignore":
+        train = dataclasses.replace(train, count_log_weights=None)
+    return train
+
+
 def network_outputs(spec, num_classes: int) -> int:
     """Outputs of the network a method trains: its registered number for a binary
     problem (1 logit, or LLP-GAN's 2 real-class logits), one per class for C >= 3."""
@@ -250,6 +286,7 @@ class Trainer:
         self.device = self.world.device if self.world.distributed else resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.dataset = load_data(cfg)
+        self.dataset = dataclasses.replace(self.dataset, train=observed_training_bags(cfg, self.dataset))
         self.data, self.train_bags, self.test_bags = self.dataset.data, self.dataset.train, self.dataset.test
         if self.train_bags.offsets.numel() < 2:
             raise DataError("no training bags: check --num-bags, --bag-size and --test-fraction")
@@ -271,7 +308,8 @@ class Trainer:
         bags = self.train_bags
         self.batches = Batches(bags.offsets, bags.counts, cfg.batch_size, self.generator, self.world)
         self.inputs = TrainingInputs(self.preprocess, bags.index)
-        offered = dict(offsets=bags.offsets, counts=bags.counts, model=self.model, device=self.device,
+        offered = dict(offsets=bags.offsets, counts=bags.counts, count_log_weights=bags.count_log_weights,
+                       model=self.model, device=self.device,
                        image_shape=tuple(self.data.x.shape[1:]), batch_size=cfg.batch_size, lr=cfg.lr,
                        width=cfg.width, seed=cfg.seed, estep=cfg.estep, tol=cfg.tol, min_epochs=cfg.min_epochs,
                        gan_weight=cfg.gan_weight, multiclass_estep=cfg.multiclass_estep)

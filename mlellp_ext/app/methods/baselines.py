@@ -18,9 +18,10 @@ import time
 import torch
 
 from ...losses import dllp_loss
-from ...ops import bag_log_likelihood
+from ...ops import bag_log_likelihood, posterior_weighted
+from ..data import bag_weights
 from ..distributed import instance_mean
-from .common import LogitRecorder, Method, epoch_stats, fit_targets, gradient_step, mean_log_likelihood
+from .common import LogitRecorder, Method, epoch_stats, fit_targets, gradient_step, mean_log_likelihood, observed
 
 
 class Supervised(Method):
@@ -40,12 +41,15 @@ class Supervised(Method):
 
 
 class _BagLoss(Method):
-    """Gradient descent on a loss of whole bags, over minibatches of bags."""
+    """Gradient descent on a loss of whole bags, over minibatches of bags. ``counts``
+    are point counts (for noisy counts: the clipped observation); a method that
+    takes ``count_log_weights`` (the counts' likelihood) gets each batch's in
+    ``bag_loss(..., weights=)``."""
 
     def __init__(self, offsets, counts):
-        self.offsets, self.counts = offsets, counts
+        self.offsets, self.counts, self.weights = offsets, counts, None
 
-    def bag_loss(self, logits, offsets, counts):
+    def bag_loss(self, logits, offsets, counts, weights=None):
         raise NotImplementedError
 
     def epoch(self, *, model, optimizer, batches, inputs, world, progress):
@@ -55,24 +59,35 @@ class _BagLoss(Method):
         total, seen = 0.0, 0
         for batch in progress(batches.bags(), self.name):
             logits = model(inputs(batch.positions, train=True)).float()
-            loss = self.bag_loss(logits, batch.offsets.to(logits.device), batch.counts.to(logits.device))
+            weights = None if self.weights is None else bag_weights(self.weights, self.offsets, batch.bags)
+            loss = self.bag_loss(logits, batch.offsets.to(logits.device), batch.counts.to(logits.device),
+                                 None if weights is None else weights.to(logits.device))
             gradient_step(loss, optimizer, world, model)
             recorder(batch.positions, logits)
             total += loss.item() * batch.counts.shape[0]
             seen += batch.counts.shape[0]
-        L = mean_log_likelihood(recorder.result(), self.offsets, self.counts, world)
+        L = mean_log_likelihood(recorder.result(), self.offsets, observed(self.counts, self.weights), world)
         return epoch_stats(instance_mean(world, total, seen), L, t0)
 
 
 class DLLP(_BagLoss):
     name = "dllp"
 
-    def bag_loss(self, logits, offsets, counts):
+    def bag_loss(self, logits, offsets, counts, weights=None):
         return dllp_loss(logits, offsets, counts)
 
 
 class DirectLikelihood(_BagLoss):
+    """-log P(observation) of each bag: of its count, or of its count's likelihood
+    (posterior_weighted) where the counts are noisy or intervals."""
+
     name = "mle-direct"
 
-    def bag_loss(self, logits, offsets, counts):
+    def __init__(self, offsets, counts, count_log_weights=None):
+        super().__init__(offsets, counts)
+        self.weights = count_log_weights
+
+    def bag_loss(self, logits, offsets, counts, weights=None):
+        if weights is not None:
+            return -posterior_weighted(logits, offsets, weights)[1].mean()
         return -bag_log_likelihood(logits, offsets, counts)

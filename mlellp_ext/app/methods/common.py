@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ...approx import lattice_states
 from ...bags import offsets_from_sizes
-from ...ops import DEFAULT_MAX_STATES, posterior
+from ...ops import DEFAULT_MAX_STATES, posterior, posterior_weighted
 from ..distributed import all_sum, instance_mean, sync_gradients
 
 
@@ -96,17 +96,27 @@ def mean_log_likelihood(logits, offsets, counts, world) -> float:
     bags over the exact E-step's state budget left out; NaN if every bag is)."""
     log_lik = log_likelihoods(logits, offsets, counts)
     kept = log_lik[~torch.isnan(log_lik)] if counts.dim() == 2 else log_lik
+    counts = counts if not counts.is_floating_point() else log_lik  # one entry per bag, for the shape tests
     total, num = float(kept.double().sum()) if kept.numel() else 0.0, kept.numel()
     if world.distributed:
         total, num = all_sum(world, [total, num])
     return total / num if num else (math.nan if counts.dim() == 2 else 0.0)
 
 
+def observed(counts, count_log_weights):
+    """What a bag's likelihood conditions on: the count log-weights where the counts
+    are known only up to noise, else the counts."""
+    return counts if count_log_weights is None else count_log_weights
+
+
 def log_likelihoods(logits, offsets, counts) -> torch.Tensor:
-    """log P(counts_b) of every bag, exactly; NaN for a multi-class bag over the
-    default state budget (its exact value would not fit in memory). A bag's cost
-    grows with its count vectors: about 45 ms for a bag of 32 over 10 classes."""
+    """log P(counts_b) of every bag, exactly (``counts`` may be count log-weights:
+    then log P(observation_b)); NaN for a multi-class bag over the default state
+    budget (its exact value would not fit in memory). A bag's cost grows with its
+    count vectors: about 45 ms for a bag of 32 over 10 classes."""
     logits = logits.detach().float()
+    if counts.is_floating_point():
+        return posterior_weighted(logits, offsets, counts)[1]
     if counts.dim() == 2 and counts.shape[0]:
         fits = lattice_states(counts) <= DEFAULT_MAX_STATES
         if not bool(fits.all()):

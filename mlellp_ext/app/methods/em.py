@@ -36,10 +36,12 @@ class EM(Method):
     name = "mle"
 
     def __init__(self, offsets, counts, batch_size: int, estep: str, tol: float = DEFAULT_TOL,
-                 min_epochs: int = DEFAULT_MIN_ITERATIONS, multiclass_estep: str = "exact"):
+                 min_epochs: int = DEFAULT_MIN_ITERATIONS, multiclass_estep: str = "exact", count_log_weights=None):
         if estep not in ESTEP_MODES:
             raise ValueError(f"--estep must be one of {ESTEP_MODES}, got {estep!r}")
-        self.em = EMTargets(offsets, counts, tol=tol, min_iterations=min_epochs,
+        # Counts known up to a likelihood (noise, intervals): the E-step conditions on it.
+        observed = count_log_weights if count_log_weights is not None else counts
+        self.em = EMTargets(offsets, observed, tol=tol, min_iterations=min_epochs,
                             estep=multiclass_estep if counts.dim() == 2 else "exact")
         self.estep, self.batch_size = estep, batch_size
 
