@@ -48,6 +48,7 @@ bench: $(VENV)/.built
 	$(PY) bench/report.py bench/results/phi_jvp_cpu.json --out bench/results/phi_jvp_cpu.md
 	$(PY) bench/large_bags.py --out bench/results
 	$(PY) bench/multiclass.py --out bench/results
+	$(PY) bench/weighted.py --out bench/results
 
 # For a machine with a GPU and its own torch (no network): see bench/gpu_check.sh.
 gpu-check:

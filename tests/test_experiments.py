@@ -111,3 +111,22 @@ def test_cifar10_multiclass_runs_and_summarises(tmp_path):
     assert len(rows) == 4 and all(",True" in r for r in rows[1:])
     assert (tmp_path / "doc" / "accuracy.png").exists()
     assert (tmp_path / "doc" / "bags8-s0-mle" / "metrics.csv").exists()
+
+
+def test_noisy_counts_runs_and_summarises(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "experiment_noisy", os.path.join(ROOT, "experiments", "noisy_counts", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--runs", str(tmp_path / "runs"), "--dataset", "digits", "--epochs", "1", "--seeds", "0",
+                     "--epsilons", "inf", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    module.main(["--runs", str(tmp_path / "runs"), "--summarise", str(tmp_path / "doc")])
+    rows = (tmp_path / "doc" / "runs.csv").read_text().splitlines()
+    assert len(rows) == 7  # 3 learners x 2 epsilons
+    table = (tmp_path / "doc" / "summary.md").read_text()
+    assert table.index("ε = ∞") < table.index("ε = 1")
+    assert (tmp_path / "doc" / "accuracy.png").exists()
