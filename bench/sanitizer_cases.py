@@ -6,7 +6,7 @@ A plain script rather than pytest, so that the sanitizer's slow start is paid
 once. Every op runs on fresh random inputs, per-bag kernels (small bags) and
 the block kernel (bags whose rows are 64 or more wide) alike, plus empty bags,
 y = 0 and y = n, infinite logits and rejected input, and the multi-class op on
-random count vectors; each result is compared with the CPU kernels. The ops allocate their own outputs, so before each call
+random count vectors, and the weighted op on random log-weights; each result is compared with the CPU kernels. The ops allocate their own outputs, so before each call
 blocks of the outputs' sizes are filled with NaN and freed into torch's caching
 allocator, which most likely hands them to the op: an element no kernel wrote
 then reads NaN where the CPU has a number. (gpu-check runs memcheck and
@@ -134,6 +134,22 @@ def check_rejected():
                 print(f"ok   {op} rejects {name}: {str(err).splitlines()[0][:90]}", flush=True)
 
 
+def check_weighted(label, logits, offsets, gen):
+    """posterior_weighted with random log-weights (some -inf, one bag all -inf, one NaN)."""
+    tol = 1e-10 if logits.dtype == torch.float64 else 2e-4
+    n_w = logits.numel() + offsets.numel() - 1
+    logw = torch.randn(n_w, generator=gen, dtype=torch.float64)
+    logw[torch.rand(n_w, generator=gen) < 0.3] = float("-inf")
+    if n_w > 3:
+        logw[1] = float("nan")
+    phi_c, ll_c = torch.ops.mlellp.posterior_weighted(logits, offsets, logw)
+    poison_cache(phi_c, ll_c)
+    phi_g, ll_g = torch.ops.mlellp.posterior_weighted(logits.cuda(), offsets.cuda(), logw.cuda())
+    same(f"{label} posterior_weighted phi", phi_g, phi_c, tol)
+    same(f"{label} posterior_weighted log_lik", ll_g, ll_c, tol)
+    torch.cuda.synchronize()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wide-only", action="store_true")
@@ -153,6 +169,12 @@ def main(argv=None):
             check_multiclass(f"multi-class bags {dtype}", *multiclass_bags(gen, 200, 4, dtype))
         check_multiclass("multi-class, no bags", torch.empty(0, 3), torch.zeros(1, dtype=torch.long),
                          torch.empty(0, 3, dtype=torch.long))
+        for dtype in (torch.float32, torch.float64):
+            logits, offsets, _ = bags(gen, torch.randint(0, 13, (200,), generator=gen), dtype, inf=True)
+            check_weighted(f"weighted bags {dtype}", logits, offsets, gen)
+            logits, offsets, _ = bags(gen, [300, 0, 40], dtype)
+            check_weighted(f"weighted large bags {dtype}", logits, offsets, gen)
+        check_weighted("weighted, no bags", torch.empty(0), torch.zeros(1, dtype=torch.long), gen)
         check_rejected()
     print(f"sanitizer cases: {len(FAILURES)} failures", flush=True)
     return 1 if FAILURES else 0

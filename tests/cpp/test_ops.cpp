@@ -125,9 +125,42 @@ void test_dispatcher() {
   }
 }
 
+// posterior_weighted_bag: interval weights [lo, hi] (log w = 0 inside) against the
+// enumeration summed over the counts inside; one-hot weights against posterior_bag.
+void test_weighted_against_enumeration() {
+  std::mt19937 rng(11);
+  std::normal_distribution<double> normal(0.0, 2.0);
+  mlellp::detail::SoloTeam solo;
+  for (int n = 1; n <= 10; ++n) {
+    std::vector<double> z(n);
+    for (auto& v : z) v = normal(rng);
+    const int lo = static_cast<int>(rng() % (n + 1));
+    const int hi = lo + static_cast<int>(rng() % (n - lo + 1));
+    std::vector<double> logw(n + 1, -INFINITY);
+    for (int k = lo; k <= hi; ++k) logw[k] = 0.0;
+    std::vector<double> phi(n), ws(mlellp::detail::weighted_workspace(n, lo, hi));
+    double ll;
+    mlellp::detail::posterior_weighted_bag(solo, z.data(), n, logw.data(), phi.data(), &ll, ws.data());
+    double total = -INFINITY;
+    std::vector<double> mix(n, 0.0);
+    std::vector<double> lls(hi - lo + 1);
+    std::vector<std::vector<double>> phis(hi - lo + 1);
+    for (int k = lo; k <= hi; ++k) {
+      enumerate(z, k, &lls[k - lo], &phis[k - lo]);
+      const double m = std::max(total, lls[k - lo]);
+      total = m + std::log(std::exp(total - m) + std::exp(lls[k - lo] - m));
+    }
+    for (int k = lo; k <= hi; ++k)
+      for (int i = 0; i < n; ++i) mix[i] += std::exp(lls[k - lo] - total) * phis[k - lo][i];
+    expect_near(ll, total, 1e-10, "weighted log_lik (interval)", n);
+    for (int i = 0; i < n; ++i) expect_near(phi[i], mix[i], 1e-10, "weighted phi (interval)", n);
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_weighted_against_enumeration();
   test_header_against_enumeration();
   test_phi_jvp_against_enumeration();
   test_dispatcher();
