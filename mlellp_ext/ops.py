@@ -266,6 +266,17 @@ def _log_pmf_vmap(call, info, in_dims, logits, offsets):
     return out.view(logits.shape[0], logits.shape[1] + offsets.shape[0] - 1), 0
 
 
+def _posterior_weighted_vmap(call, info, in_dims, logits, offsets, count_log_weights):
+    batch = info.batch_size
+    logits = _batched(logits, in_dims[0], batch)
+    tiled = _tiled_offsets("posterior_weighted", logits, offsets, in_dims[1])
+    # Entry k's bag b has its weights at tiled[kB + b] + kB + b = k (N + B) + offsets[b] + b:
+    # each entry's weights contiguous, laid out as unbatched (as log_pmf's output).
+    weights = _batched(count_log_weights, in_dims[2], batch)
+    phi, log_lik = _batch_call(call, logits, offsets, logits.reshape(-1), tiled, weights.reshape(-1))
+    return (phi.view(logits.shape), log_lik.view(batch, offsets.shape[0] - 1)), (0, 0)
+
+
 def _posterior_multiclass_vmap(call, info, in_dims, logits, offsets, counts, max_states=DEFAULT_MAX_STATES):
     op = "posterior_multiclass"
     if in_dims[1] is not None:
@@ -539,6 +550,9 @@ class _PosteriorWeightedFn(torch.autograd.Function):
     def jvp(ctx, *tangents):
         raise RuntimeError("mlellp::posterior_weighted has no forward-mode derivative")
 
+    vmap = staticmethod(lambda info, in_dims, *args: _posterior_weighted_vmap(
+        _PosteriorWeightedFn.apply, info, in_dims, *args))
+
 
 class _WeightedLogLikGradFn(torch.autograd.Function):
     """(g, phi, log_lik, z, log w) -> (grad of the logits, grad of the log-weights); differentiating it raises."""
@@ -696,7 +710,8 @@ for _name, _fn in (("posterior", _PosteriorFn), ("posterior_backward", _Posterio
 # For torch.vmap over torch.ops.mlellp.* called directly (without these, vmap loops over the batch).
 for _name, _rule in (("posterior", _posterior_vmap), ("posterior_backward", _posterior_backward_vmap),
                      ("phi_jvp", _phi_jvp_vmap), ("log_pmf", _log_pmf_vmap),
-                     ("posterior_multiclass", _posterior_multiclass_vmap)):
+                     ("posterior_multiclass", _posterior_multiclass_vmap),
+                     ("posterior_weighted", _posterior_weighted_vmap)):
     torch.library.register_vmap(f"mlellp::{_name}", functools.partial(_rule, getattr(torch.ops.mlellp, _name)),
                                 lib=_lib)
 

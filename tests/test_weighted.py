@@ -274,3 +274,17 @@ def test_em_targets_take_count_weights():
         M.EMTargets(offsets, torch.zeros(3))
     with pytest.raises(ValueError, match="count log-weights always take the exact E-step"):
         M.EMTargets(offsets, cw.exact(counts, sizes), estep="auto")
+
+
+def test_vmap_over_logits_and_weights():
+    sizes, z, logw = random_bags(10, max_n=6, num=5)
+    offsets = M.offsets_from_sizes(sizes)
+    g = torch.Generator().manual_seed(10)
+    zs = torch.randn(3, z.shape[0], generator=g, dtype=torch.float64)
+    ws = torch.randn(3, logw.shape[0], generator=g, dtype=torch.float64)
+    phi, ll = torch.vmap(lambda a, w: M.posterior_weighted(a, offsets, w))(zs, ws)
+    for k in range(3):
+        p, l = M.posterior_weighted(zs[k], offsets, ws[k])
+        assert torch.equal(phi[k], p) and torch.equal(ll[k], l)
+    phi, _ = torch.vmap(lambda a: torch.ops.mlellp.posterior_weighted(a, offsets, logw))(zs)
+    assert torch.equal(phi[1], M.posterior_weighted(zs[1], offsets, logw)[0])
