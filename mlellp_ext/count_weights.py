@@ -125,7 +125,9 @@ def randomized_response(observed, keep, sizes) -> torch.Tensor:
     """Each instance reports its label truthfully with probability ``keep`` and a fair
     coin otherwise; ``observed`` is the bag's number of reported positives (0..n).
     ``w_b(k) = P(Bin(k, t) + Bin(n - k, f) = o)`` with ``t = (1 + keep) / 2``,
-    ``f = (1 - keep) / 2`` (a convolution of two binomials, computed in log space)."""
+    ``f = (1 - keep) / 2`` (a convolution of two binomials, computed in log space).
+    Not differentiable w.r.t. ``keep`` (``laplace`` and ``gaussian`` are, in their
+    scale and observation)."""
     sizes = _sizes(sizes, "randomized_response")
     o = _per_bag(observed, sizes, "observed", "randomized_response", integer=True)
     p = _per_bag(keep, sizes, "keep", "randomized_response")

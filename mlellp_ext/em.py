@@ -41,6 +41,23 @@ ESTEPS = ("exact", "approx", "auto")
 DEFAULT_MIN_ITERATIONS = 10
 
 
+def _check_weight_values(offsets, count_log_weights):
+    """Count log-weights EM can iterate on: finite or -inf (a NaN or +inf would make L
+    NaN for good), and at least one possible count per bag."""
+    w = count_log_weights.detach().cpu()
+    bag_of_k = torch.repeat_interleave(torch.arange(offsets.shape[0] - 1), offsets.cpu().diff() + 1,
+                                       output_size=w.shape[0])
+    bad = torch.isnan(w) | (w == math.inf)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"EMTargets: count_log_weights[{i}] = {float(w[i])} (bag {int(bag_of_k[i])}); log-weights "
+                         f"must be finite or -inf")
+    possible = torch.zeros(offsets.shape[0] - 1, dtype=torch.long).index_add_(0, bag_of_k, (w > -math.inf).long())
+    if bool((possible == 0).any()):
+        b = int(torch.nonzero(possible == 0)[0])
+        raise ValueError(f"EMTargets: bag {b} has no possible count (all its count_log_weights are -inf)")
+
+
 class EMTargets:
     """The soft targets of N instances in bag layout, updated by exact E-steps.
 
@@ -109,6 +126,7 @@ class EMTargets:
             n = int(offsets[-1])
             check_bag_values("EMTargets", n, offsets, None)
             _check_weighted_layout_fake("EMTargets", torch.empty(n, device=offsets.device), offsets, counts)
+            _check_weight_values(offsets, counts)
         elif self.num_classes is not None:
             if not (isinstance(max_states, int) and max_states >= 1):
                 raise ValueError(f"EMTargets: max_states must be a positive integer, got {max_states!r}")

@@ -482,27 +482,37 @@ _WEIGHTED_SECOND_ORDER = ("second derivatives of mlellp::posterior_weighted and 
 
 
 def _log_pmf_vjp(grad, logits, offsets, log_pmf_out):
-    """sum_k grad_b(k) d log P(S_b = k) / d logits (see _LogPmfFn), in the compute dtype."""
-    dtype = _compute_dtype(logits.dtype)
-    g, lp = grad.to(dtype), log_pmf_out.to(dtype)
+    """sum_k grad_b(k) d log P(S_b = k) / d logits (see _LogPmfFn). In float64 whatever
+    the dtype: the weights log g - log P carry |log P| * eps of rounding into phi. Counts
+    the logits make impossible (log P = -inf) carry no derivative; a NaN or infinite
+    gradient entry makes its bag's result NaN."""
+    g, lp, z = grad.double(), log_pmf_out.double(), logits.double()
     num_bags = offsets.shape[0] - 1
     bag_of_k = torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), offsets.diff() + 1,
                                        output_size=g.shape[0])
-    sigma = torch.sigmoid(logits.to(dtype))
+    possible = lp > -torch.inf
+    g = torch.where(possible, g, torch.zeros_like(g))
+    # Out-of-place sums (as _bag_sums) so that vmap can batch them (jacrev, vmap(grad)).
+    sums = lambda v: torch.zeros_like(v.sum()).expand(num_bags).index_add(0, bag_of_k, v)  # noqa: E731
+    bad = sums((~torch.isfinite(g)).double()) > 0
+    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    sigma = torch.sigmoid(z)
     index = bag_index(offsets, logits.shape[0])
     out = torch.zeros_like(sigma)
     for sign, part in ((1.0, g.clamp(min=0)), (-1.0, (-g).clamp(min=0))):
-        total = torch.zeros(num_bags, dtype=dtype, device=g.device).index_add_(0, bag_of_k, part)
-        # Counts the logits make impossible (log P = -inf) carry no derivative.
-        logw = torch.where((part > 0) & (lp > -torch.inf), part.log() - lp, torch.full_like(part, -torch.inf))
-        phi, _ = _below_autograd("posterior_weighted", logits, offsets, logw)
+        total = sums(part)
+        logw = torch.where(part > 0, part.log() - lp, torch.full_like(part, -torch.inf))
+        phi, _ = _below_autograd("posterior_weighted", z, offsets, logw)
         used = (total > 0)[index]
-        out = out + sign * torch.where(used, total[index] * (phi.to(dtype) - sigma), torch.zeros_like(sigma))
+        out = out + sign * torch.where(used, total[index] * (phi - sigma), torch.zeros_like(sigma))
+    out = torch.where(bad[index], torch.full_like(out, torch.nan), out)
     return out.to(logits.dtype)
 
 
 class _LogPmfVjpFn(torch.autograd.Function):
     """log_pmf's vector-Jacobian product; differentiating it raises."""
+
+    generate_vmap_rule = True  # its forward is torch ops and ops with vmap rules: jacrev, vmap(grad) work
 
     @staticmethod
     def forward(grad, logits, offsets, log_pmf_out):
@@ -556,6 +566,8 @@ class _PosteriorWeightedFn(torch.autograd.Function):
 
 class _WeightedLogLikGradFn(torch.autograd.Function):
     """(g, phi, log_lik, z, log w) -> (grad of the logits, grad of the log-weights); differentiating it raises."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(grad_log_lik, phi, log_lik, logits, offsets, logw, want_logits, want_weights):

@@ -97,3 +97,27 @@ def test_option_errors(tmp_path, capsys):
     assert "supported for two classes only" in capsys.readouterr().err
     assert cli.main(base + ["--count-noise", "laplace:1"]) == 2
     assert "--count-noise laplace:1 does not apply to --dataset digits" in capsys.readouterr().err
+
+
+def test_privatizing_interval_counts_is_an_error(tmp_path):
+    inst, counts = write_manifest(tmp_path, GOOD_INSTANCES, "bag,count_lo,count_hi\nb1,0,2\nb2,1,1\nb3,0,1\n")
+    with pytest.raises(DataError, match="--privatize-counts adds noise to exact counts; these counts are intervals"):
+        train(TrainConfig(out=str(tmp_path / "r"), dataset="manifest", data_root=inst, counts_file=counts,
+                          privatize_counts=1.0, epochs=1, quiet=True, width=0.25))
+
+
+def test_resume_compares_options_a_checkpoint_predates(tmp_path):
+    """A checkpoint written before --privatize-counts existed ran without it: resuming with it is refused."""
+    import json
+
+    cfg = dict(SMALL, epochs=2, method="mle", tol=0.0)
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), **cfg), stop_after_epochs=1)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    for key in ("privatize_counts", "count_noise_model", "count_noise"):
+        state["config"].pop(key)
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(DataError, match=r"--privatize-counts None \(this run: 1.0\)"):
+        train(TrainConfig(out=str(out), resume=True, privatize_counts=1.0, **cfg))
+    assert len(train(TrainConfig(out=str(out), resume=True, **cfg))) == 2
+    json.dumps(state["config"])  # still a plain config

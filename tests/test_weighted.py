@@ -145,6 +145,8 @@ def test_nan_and_infinite_weights_and_logits_stay_in_their_bag():
     w2 = w.clone()
     w2[4] = math.inf
     assert torch.isnan(M.posterior_weighted(z, offsets, w2)[1][1])
+    w2[12:14] = -math.inf  # a NaN logit stays NaN beside weights that rule every count out
+    assert torch.isnan(M.posterior_weighted(z, offsets, w2)[1][4])
 
 
 @pytest.mark.parametrize("args, match", [
@@ -272,6 +274,12 @@ def test_em_targets_take_count_weights():
     torch.testing.assert_close(noisy.phi, phi)
     with pytest.raises(ValueError, match="count_log_weights must have"):
         M.EMTargets(offsets, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"count_log_weights\[1\] = nan \(bag 0\)"):
+        M.EMTargets(offsets, torch.tensor([0.0, math.nan, 0, 0, 0, 0.0] + [0.0] * 13).double()[:18])
+    ruled_out = cw.exact(counts, sizes)
+    ruled_out[5] = -math.inf  # bag 1 (empty) had only k = 0
+    with pytest.raises(ValueError, match="bag 1 has no possible count"):
+        M.EMTargets(offsets, ruled_out)
     with pytest.raises(ValueError, match="count log-weights always take the exact E-step"):
         M.EMTargets(offsets, cw.exact(counts, sizes), estep="auto")
 
@@ -288,3 +296,28 @@ def test_vmap_over_logits_and_weights():
         assert torch.equal(phi[k], p) and torch.equal(ll[k], l)
     phi, _ = torch.vmap(lambda a: torch.ops.mlellp.posterior_weighted(a, offsets, logw))(zs)
     assert torch.equal(phi[1], M.posterior_weighted(zs[1], offsets, logw)[0])
+
+
+def test_log_pmf_gradient_edge_cases():
+    """Impossible counts carry no derivative; a NaN gradient entry makes its bag NaN; the
+    float32 result is the float64 one rounded (the VJP runs in float64); jacrev works."""
+    z = torch.tensor([math.inf, 0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    offsets = M.offsets_from_sizes([3])
+    (g,) = torch.autograd.grad(M.log_pmf(z, offsets), z, torch.tensor([5.0, 1, 0, 0], dtype=torch.float64))
+    (ref,) = torch.autograd.grad(M.log_pmf(z, offsets), z, torch.tensor([0.0, 1, 0, 0], dtype=torch.float64))
+    assert torch.equal(g, ref) and g[0] == 0 and bool(torch.isfinite(g).all())
+    (g,) = torch.autograd.grad(M.log_pmf(z, offsets), z, torch.tensor([0.0, math.nan, 0, 0], dtype=torch.float64))
+    assert bool(torch.isnan(g).all())
+    gen = torch.Generator().manual_seed(11)
+    z64 = torch.randn(60, generator=gen, dtype=torch.float64)
+    off = M.offsets_from_sizes([60])
+    v = torch.randn(61, generator=gen, dtype=torch.float64)
+    z32 = z64.float().requires_grad_(True)
+    (g32,) = torch.autograd.grad(M.log_pmf(z32, off), z32, v.float())
+    zd = z32.detach().double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(M.log_pmf(zd, off), zd, v.float().double())
+    assert (g32.double() - g64).abs().max() < 1e-5 * g64.abs().max()
+    small = torch.randn(5, generator=gen, dtype=torch.float64)
+    off2 = M.offsets_from_sizes([3, 2])
+    jac = torch.func.jacrev(lambda a: M.log_pmf(a, off2))(small)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda a: M.log_pmf(a, off2), small))

@@ -727,9 +727,11 @@ MLELLP_HD void posterior_weighted_bag(const Team& team, const T* z, int64_t n, c
   const bool any = weight_support(logw, n, &ylo, &yhi, &bad);
   T wmax = -inf_value<T>();
   for (int64_t k = ylo; any && k <= yhi; ++k) wmax = logw[k] > wmax ? logw[k] : wmax;
-  if (!any) {  // NaN/+inf weights: NaN; no possible count: -inf (phi NaN either way)
+  if (!any) {  // NaN/+inf weights or a NaN logit: NaN; else no possible count: -inf (phi NaN either way)
+    bool nan_logit = false;
+    for (int64_t i = 0; i < n; ++i) nan_logit |= is_nan(z[i]);
     for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
-    if (team.rank() == 0) *log_lik = bad ? nan_value<T>() : -inf_value<T>();
+    if (team.rank() == 0) *log_lik = bad || nan_logit ? nan_value<T>() : -inf_value<T>();
     team.sync();
     return;
   }

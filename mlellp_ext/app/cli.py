@@ -184,6 +184,8 @@ def _model_and_bags(args):
     if overrides.get("dataset", cfg.dataset) != cfg.dataset:  # another dataset: none of the stored one's files
         cfg = dataclasses.replace(cfg, data_root=None, classes=None, download=False, test_root=None, counts_file=None,
                                   count_noise=None)
+    if "counts_file" in overrides and "count_noise" not in overrides:  # another file: its own noise, if any
+        cfg = dataclasses.replace(cfg, count_noise=None)
     if other:
         if "counts_file" not in overrides:  # the training run's counts belong to its own instances
             cfg = dataclasses.replace(cfg, counts_file=None, count_noise=overrides.get("count_noise"))
@@ -234,8 +236,11 @@ def _all_bags(dataset):
     from .data import Bags
 
     tr, te = dataset.train, dataset.test
+    weights = None
+    if tr.count_log_weights is not None and te.count_log_weights is not None:
+        weights = torch.cat([tr.count_log_weights, te.count_log_weights])
     return Bags(torch.cat([tr.index, te.index]), offsets_from_sizes(torch.cat([tr.offsets.diff(), te.offsets.diff()])),
-                torch.cat([tr.counts, te.counts]), list(tr.bag_ids) + list(te.bag_ids))
+                torch.cat([tr.counts, te.counts]), list(tr.bag_ids) + list(te.bag_ids), weights)
 
 
 def _score(model, dataset, bags, batch_size, whole):

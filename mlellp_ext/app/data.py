@@ -637,6 +637,8 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags, nois
                     kind = "an integer" if noise[0] == "laplace" else "a number"
                     raise DataError(f"{where}: {what} {text!r} for bag {bag!r} is not {kind} "
                                     f"(--count-noise {noise[0]}:{noise[1]:g})")
+                if not math.isfinite(float(text)):
+                    raise DataError(f"{where}: {what} {text!r} for bag {bag!r} is not finite")
                 vector.append(float(text))
                 continue
             if not re.fullmatch(r"[+-]?\d+", text):

@@ -154,15 +154,18 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 def metrics_from_logits(logits, data, bags) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """bag_metrics() from the logits of the instances ``bags.index``. The bag-count
-    MAE is over bags (and classes, for count vectors); L leaves out multi-class bags
-    over the exact E-step's state budget (NaN if all are)."""
-    from .methods.common import log_likelihoods
+    MAE is over bags (and classes, for count vectors), against the point counts
+    (for noisy or interval counts: the clipped observation or the midpoint); L is
+    log P(observation), under the counts' likelihood where they have one, and
+    leaves out multi-class bags over the exact E-step's state budget (NaN if all are)."""
+    from .methods.common import log_likelihoods, observed
 
     prob = probabilities(logits)
     sizes = bags.offsets.diff()
     expected = torch.zeros(sizes.numel(), *prob.shape[1:]).index_add_(0, bag_index(bags.offsets, prob.shape[0]), prob)
     out = {"bag_mae": float((expected - bags.counts.float()).abs().mean()) if sizes.numel() else math.nan,
-           "L": float(torch.nanmean(log_likelihoods(logits, bags.offsets, bags.counts).double()))
+           "L": float(torch.nanmean(log_likelihoods(logits, bags.offsets,
+                                                    observed(bags.counts, bags.count_log_weights)).double()))
            if sizes.numel() else math.nan,
            **instance_metrics(prob, None if data.y is None else data.y[bags.index], data.classes),
            "n_instances": int(bags.index.numel()), "n_bags": int(sizes.numel())}
@@ -219,6 +222,9 @@ def observed_training_bags(cfg: TrainConfig, dataset: BagDataset):
     point count; --count-noise-model ignore drops the likelihood of noisy or
     interval counts (the point counts are then taken as exact)."""
     train = dataset.train
+    if cfg.privatize_counts is not None and train.count_log_weights is not None:
+        raise DataError("--privatize-counts adds noise to exact counts; these counts are intervals or noisy "
+                        "already (count_lo,count_hi or --count-noise)")
     noisy = cfg.privatize_counts is not None or train.count_log_weights is not None
     if noisy and train.counts.dim() == 2:
         raise DataError("noisy or interval counts (--privatize-counts, --count-noise, count_lo/count_hi) are "
@@ -459,8 +465,11 @@ def settled_data_options(cfg: TrainConfig) -> TrainConfig:
 
 def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
     """Raise DataError naming each option the checkpoint was written with otherwise."""
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name in saved and f.name not in RESUME_MAY_CHANGE]
-    old_cfg = settled_data_options(dataclasses.replace(cfg, **{k: saved[k] for k in names}))
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUME_MAY_CHANGE
+             and (f.name in saved or f.default is not dataclasses.MISSING)]
+    # An option a checkpoint predates ran with its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    old_cfg = settled_data_options(dataclasses.replace(cfg, **{k: saved.get(k, defaults.get(k)) for k in names}))
     new_cfg = settled_data_options(cfg)
     differ = []
     for name in names:
