@@ -1,0 +1,62 @@
+"""BatchAugment: each operation equals torchvision's for the same parameter, and the
+whole draws what the per-image torchvision pipeline draws (statistics over many draws)."""
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import v2
+
+from mlellp_ext.app import augment as A
+
+
+@pytest.fixture
+def images():
+    return torch.rand(6, 3, 9, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("ours, theirs, factor", [(A.adjust_brightness, TF.adjust_brightness, 1.13),
+                                                  (A.adjust_contrast, TF.adjust_contrast, 0.85),
+                                                  (A.adjust_saturation, TF.adjust_saturation, 1.17)])
+def test_jitters_equal_torchvision(images, ours, theirs, factor):
+    torch.testing.assert_close(ours(images.clone(), factor), theirs(images, factor), rtol=0, atol=1e-12)
+
+
+def test_hue_and_blur_equal_torchvision(images):
+    shift = torch.full((6,), 0.015, dtype=torch.float64)
+    # torchvision's adjust_hue converts to float32 first
+    torch.testing.assert_close(A.adjust_hue(images.float(), shift.float()), TF.adjust_hue(images.float(), 0.015),
+                               rtol=0, atol=2e-6)
+    torch.testing.assert_close(A.hsv_to_rgb(A.rgb_to_hsv(images)), images, rtol=0, atol=1e-12)
+    sigma = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 1.0], dtype=torch.float64)
+    out = A.gaussian_blur3(images, sigma)
+    for i in range(6):
+        ref = TF.gaussian_blur(images[i], [3, 3], [float(sigma[i])] * 2)
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-12)
+
+
+def test_statistics_match_the_per_image_pipeline():
+    """One image augmented 3,000 times each way: the mean and spread of every pixel
+    agree (the per-image pipeline works on uint8, so to within rounding)."""
+    torch.manual_seed(1)
+    img = torch.randint(0, 256, (3, 12, 10), dtype=torch.uint8)
+    pipe = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.2),
+                       v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2, 0.02)], p=0.5)])
+    reps = 3000
+    theirs = torch.stack([pipe(img) for _ in range(reps)]).float() / 255
+    ours = A.BatchAugment()(img.float().div(255).expand(reps, -1, -1, -1).contiguous())
+    assert ours.shape == theirs.shape and 0 <= float(ours.min()) and float(ours.max()) <= 1
+    # Per-pixel means and standard deviations over the draws, and the image-level
+    # distributions of flips (left/right asymmetry) and of brightness.
+    assert (ours.mean(0) - theirs.mean(0)).abs().max() < 0.02
+    assert (ours.std(0) - theirs.std(0)).abs().max() < 0.02
+    asym = lambda t: (t[..., :5] - t[..., 5:].flip(-1)).mean((1, 2, 3))  # noqa: E731
+    assert abs(float((asym(ours) > 0).float().mean() - (asym(theirs) > 0).float().mean())) < 0.04
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    assert (torch.quantile(ours.mean((1, 2, 3)), q) - torch.quantile(theirs.mean((1, 2, 3)), q)).abs().max() < 0.01
+
+
+def test_draws_come_from_the_global_generator():
+    x = torch.rand(5, 3, 8, 8)
+    torch.manual_seed(3)
+    a = A.BatchAugment()(x)
+    torch.manual_seed(3)
+    assert torch.equal(A.BatchAugment()(x), a)
