@@ -55,14 +55,13 @@ def adjust_saturation(x, factor):
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) RGB in [0, 1] -> HSV, h in [0, 1) (Pillow's and torchvision's formulas)."""
     r, g, b = x.unbind(-3)
-    maxc, _ = x.max(-3)
-    minc, _ = x.min(-3)
-    eqc = maxc == minc
+    minc, maxc = torch.aminmax(x, dim=-3)
     span = maxc - minc
+    eqc = span == 0
     s = span / torch.where(eqc, torch.ones_like(maxc), maxc)
-    span = torch.where(eqc, torch.ones_like(span), span)
-    rc, gc, bc = (maxc - r) / span, (maxc - g) / span, (maxc - b) / span
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    inv = 1.0 / torch.where(eqc, torch.ones_like(span), span)
+    # (g - b) / span where r is the maximum, 2 + (b - r) / span where g is, 4 + (r - g) / span otherwise
+    h = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
     h = torch.where(eqc, torch.zeros_like(h), h)
     h = (h / 6.0 + 1.0).fmod(1.0)
     return torch.stack((h, s, maxc), -3)
