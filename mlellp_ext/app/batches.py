@@ -36,7 +36,9 @@ class Preprocess:
         if train and self.augment is not None:
             x = torch.stack([self.augment(img) for img in x])
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        return ((x - 0.5) / 0.5).to(self.device, non_blocking=True)
+        x = ((x - 0.5) / 0.5).to(self.device, non_blocking=True)
+        # channels_last on CUDA, as the network (app.precision)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
 
 class TrainingInputs:

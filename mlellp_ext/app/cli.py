@@ -22,6 +22,7 @@ import sys
 from .data import DATASETS, DEFAULT_BAG_SIZE, DEFAULT_TEST_FRACTION, DataError
 from .methods import ESTEP_MODES, METHODS
 from .models import BACKBONES
+from .precision import AMP_MODES
 from .train import COUNT_NOISE_MODELS, LR_SCHEDULES, MULTICLASS_ESTEPS, TrainConfig
 
 # train's defaults are TrainConfig's (one place for each).
@@ -111,6 +112,10 @@ def build_parser():
     t.add_argument("--min-epochs", type=int, default=DEFAULTS["min_epochs"],
                    help=f"EM's stopping rule applies only after this many epochs (default {DEFAULTS['min_epochs']})")
     t.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/blur/colour jitter")
+    t.add_argument("--amp", choices=AMP_MODES, default=DEFAULTS["amp"],
+                   help="mixed precision of the network: bf16 (A100/H100, and CPUs), fp16 with a gradient scaler "
+                        "(older GPUs), or off (default); losses and the E-step stay in float32")
+    t.add_argument("--compile", action="store_true", help="torch.compile the network (first epoch slower)")
     t.add_argument("--device", default=DEFAULTS["device"], help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true",

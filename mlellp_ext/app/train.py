@@ -34,6 +34,7 @@ from .distributed import resolve_device
 from .methods import METHODS, build_method
 from .methods.llpgan import GAN_WEIGHT
 from .models import build_backbone
+from .precision import AMP_MODES, attach_grad_scalers, grad_scaler_states, load_grad_scaler_states, prepare_model
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "L", "e_step_seconds", "inference_seconds", "m_step_seconds",
                   "epoch_seconds", "test_accuracy", "test_auc", "test_bag_mae", "test_L", "approximated_bags")
@@ -83,6 +84,8 @@ class TrainConfig:
     privatize_counts: float | None = None  # epsilon: release training counts with discrete Laplace noise
     count_noise_model: str = "matched"  # noisy/interval counts: their likelihood, or "ignore" (clipped, as exact)
     augment: bool = True
+    amp: str = "off"  # off, bf16 or fp16: autocast of the network (app.precision)
+    compile: bool = False  # torch.compile the network
     seed: int = 0
     device: str = "auto"
     quiet: bool = False
@@ -100,6 +103,8 @@ def check_options(cfg: TrainConfig) -> None:
             bad(option, value, "at least 1")
     if cfg.min_epochs < 0:
         bad("--min-epochs", cfg.min_epochs, "non-negative")
+    if cfg.amp not in AMP_MODES:
+        bad("--amp", cfg.amp, f"one of {', '.join(AMP_MODES)}")
     if cfg.count_noise_model not in COUNT_NOISE_MODELS:
         bad("--count-noise-model", cfg.count_noise_model, f"one of {', '.join(COUNT_NOISE_MODELS)}")
     if cfg.privatize_counts is not None and not (cfg.privatize_counts > 0):
@@ -306,6 +311,7 @@ class Trainer:
         check_multiclass_options(cfg, self.dataset)
         self.model = build_backbone(cfg.backbone, in_channels, network_outputs(spec, self.num_classes), cfg.width,
                                     cfg.weights).to(self.device)
+        prepare_model(self.model, self.device, cfg.amp, cfg.compile)
         lr_factor(cfg.lr_schedule, 0, cfg.epochs)  # rejects an unknown schedule before any work
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.preprocess = Preprocess(self.data.x, self.data.is_rgb, cfg.augment, self.device)
@@ -324,6 +330,7 @@ class Trainer:
                 raise DataError(f"--method {cfg.method} needs instance labels, and this dataset has none")
             offered["labels"] = self.data.y[bags.index]
         self.method = build_method(cfg.method, **offered)
+        attach_grad_scalers(cfg.amp, self.device, self.optimizer, *self.method.own_optimizers)
         if self.world.distributed:
             # Every rank built the same networks from cfg.seed (rank 0's are broadcast all the
             # same, as DistributedDataParallel does); from here on each rank draws its own
@@ -384,6 +391,9 @@ class Trainer:
                      "config": dataclasses.asdict(self.cfg)}
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            scalers = grad_scaler_states(self.optimizer, *self.method.own_optimizers)
+            if scalers is not None:
+                state["grad_scalers"] = scalers
             return state
         mine = {"method": _to_cpu(self.method.state_dict()), "torch_rng": torch.get_rng_state(),
                 "generator": self.generator.get_state(), "history": history,
@@ -394,9 +404,13 @@ class Trainer:
         if not self.world.is_main:
             return None
         # Model and optimiser are identical on every rank (checked every epoch): rank 0's.
-        return {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "history": history, "config": dataclasses.asdict(self.cfg), "world_size": self.world.size,
-                "ranks": ranks}
+        state = {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "history": history, "config": dataclasses.asdict(self.cfg), "world_size": self.world.size,
+                 "ranks": ranks}
+        scalers = grad_scaler_states(self.optimizer, *self.method.own_optimizers)  # the same on every rank
+        if scalers is not None:
+            state["grad_scalers"] = scalers
+        return state
 
     def load_checkpoint(self, path):
         """The checkpoint at `path` (under torchrun rank 0 reads it and sends it to every rank)."""
@@ -429,6 +443,7 @@ class Trainer:
             self.generator.set_state(state["generator"])
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
+            load_grad_scaler_states(state.get("grad_scalers"), self.optimizer, *self.method.own_optimizers)
             return list(state["history"])
         mine = state["ranks"][self.world.rank]
         if list(mine["bag_ids"]) != list(self.train_bags.bag_ids):
@@ -437,6 +452,7 @@ class Trainer:
                 f"resume with the same data options and seed")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        load_grad_scaler_states(state.get("grad_scalers"), self.optimizer, *self.method.own_optimizers)
         self.method.load_state_dict(mine["method"])
         torch.set_rng_state(mine["torch_rng"])
         self.generator.set_state(mine["generator"])
@@ -448,7 +464,7 @@ class Trainer:
 # What --resume may change: how long to run and how to show it. Anything else would
 # continue a different run (another --seed, say, draws other bags, and the saved
 # targets phi would then belong to other instances).
-RESUME_MAY_CHANGE = ("out", "resume", "epochs", "tol", "min_epochs", "device", "quiet", "multiclass_estep")
+RESUME_MAY_CHANGE = ("out", "resume", "epochs", "tol", "min_epochs", "device", "quiet", "multiclass_estep", "compile")
 
 
 def settled_data_options(cfg: TrainConfig) -> TrainConfig:

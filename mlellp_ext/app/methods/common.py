@@ -36,14 +36,24 @@ from ..distributed import all_sum, instance_mean, sync_gradients
 def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, world, *modules) -> None:
     """zero_grad, backward, the gradients of ``modules`` (the networks ``optimizer``
     trains; at least one) averaged over the ranks (under torchrun; nothing for one
-    process), optimiser step."""
+    process), optimiser step; through the optimiser's gradient scaler under
+    ``--amp fp16``."""
     if not modules:
         raise ValueError("gradient_step: name the networks the optimiser trains (their gradients are "
                          "averaged over the processes under torchrun)")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = getattr(optimizer, "grad_scaler", None)  # fp16 (app.precision)
+    if scaler is None:
+        loss.backward()
+        sync_gradients(world, *modules)
+        optimizer.step()
+        return
+    # Gradients are averaged while still scaled, so an overflow on any rank reaches every
+    # rank and all skip the same steps.
+    scaler.scale(loss).backward()
     sync_gradients(world, *modules)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def instance_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

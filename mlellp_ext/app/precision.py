@@ -1,0 +1,55 @@
+"""Mixed precision, compilation and memory format of the trained network (``--amp``, ``--compile``).
+
+* ``--amp bf16|fp16``: the network's ``forward`` (and ``class_logits``/``features``,
+  which LLP-GAN calls) runs under ``torch.autocast`` with that dtype; the methods
+  take its logits in float32 (``.float()``), so losses and the E-step stay in
+  float32 or better. fp16 adds a gradient scaler per optimiser
+  (``torch.amp.GradScaler``), which ``methods.gradient_step`` uses; its state is
+  in the checkpoints.
+* ``--compile``: ``nn.Module.compile()`` of the network (in place: its state_dict,
+  checkpoints and model.pt are unchanged).
+* On CUDA, convolutional backbones run in channels_last memory format.
+"""
+from __future__ import annotations
+
+import torch
+
+AMP_MODES = ("off", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, amp: str, compile: bool) -> torch.nn.Module:
+    """The network as it trains: autocast for ``amp``, channels_last on CUDA, compiled if asked."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if amp != "off":
+        cast = torch.autocast(device.type, dtype=_DTYPES[amp])
+        for name in ("forward", "class_logits", "features"):
+            fn = getattr(model, name, None)
+            if fn is not None:
+                # An instance attribute: nn.Module.__call__ calls self.forward, so this wraps every call,
+                # and the state_dict is the network's own.
+                setattr(model, name, cast(fn))
+    if compile:
+        model.compile()
+    return model
+
+
+def attach_grad_scalers(amp: str, device: torch.device, *optimizers) -> None:
+    """Give each optimiser the gradient scaler that fp16 needs (None otherwise); see
+    methods.gradient_step."""
+    for opt in optimizers:
+        opt.grad_scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def grad_scaler_states(*optimizers) -> list | None:
+    states = [opt.grad_scaler.state_dict() for opt in optimizers if getattr(opt, "grad_scaler", None) is not None]
+    return states or None
+
+
+def load_grad_scaler_states(states, *optimizers) -> None:
+    scalers = [opt.grad_scaler for opt in optimizers if getattr(opt, "grad_scaler", None) is not None]
+    for scaler, state in zip(scalers, states or []):
+        scaler.load_state_dict(state)
