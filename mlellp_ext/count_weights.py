@@ -60,6 +60,13 @@ def _per_bag(value, sizes, name, op, integer=False) -> torch.Tensor:
     return t
 
 
+def _positive(t, name, op) -> torch.Tensor:
+    if bool((t <= 0).any()):
+        b = int(torch.nonzero(t <= 0)[0])
+        raise ValueError(f"count_weights.{op}: {name} must be positive, got {float(t[b])} for bag {b}")
+    return t
+
+
 def _grid(sizes):
     """(k, bag) of every position of the layout: k = 0..n_b of bag b, bag after bag."""
     bag = torch.repeat_interleave(torch.arange(sizes.shape[0], device=sizes.device), sizes + 1)
@@ -98,10 +105,7 @@ def laplace(observed, scale, sizes) -> torch.Tensor:
     (may lie outside 0..n); ``scale`` > 0 (1/epsilon for :func:`privatize`'s counts)."""
     sizes = _sizes(sizes, "laplace")
     o = _per_bag(observed, sizes, "observed", "laplace")
-    s = _per_bag(scale, sizes, "scale", "laplace")
-    if bool((s <= 0).any()):
-        b = int(torch.nonzero(s <= 0)[0])
-        raise ValueError(f"count_weights.laplace: scale must be positive, got {float(s[b])} for bag {b}")
+    s = _positive(_per_bag(scale, sizes, "scale", "laplace"), "scale", "laplace")
     k, bag = _grid(sizes)
     a = torch.exp(-1.0 / s)
     log_norm = torch.log1p(-a) - torch.log1p(a)
@@ -113,10 +117,7 @@ def gaussian(observed, sigma, sizes) -> torch.Tensor:
     log(sigma sqrt(2 pi))``. ``observed``: real numbers; ``sigma`` > 0."""
     sizes = _sizes(sizes, "gaussian")
     o = _per_bag(observed, sizes, "observed", "gaussian")
-    sd = _per_bag(sigma, sizes, "sigma", "gaussian")
-    if bool((sd <= 0).any()):
-        b = int(torch.nonzero(sd <= 0)[0])
-        raise ValueError(f"count_weights.gaussian: sigma must be positive, got {float(sd[b])} for bag {b}")
+    sd = _positive(_per_bag(sigma, sizes, "sigma", "gaussian"), "sigma", "gaussian")
     k, bag = _grid(sizes)
     return -((o[bag] - k.double()) ** 2) / (2 * sd[bag] ** 2) - torch.log(sd[bag] * math.sqrt(2 * math.pi))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import sys
@@ -82,8 +83,15 @@ def summarise(args) -> None:
         rows = read_metrics(os.path.join(args.runs, name, "metrics.csv"))
         keep = os.path.join(args.summarise, name)
         os.makedirs(keep, exist_ok=True)
-        for f in ("config.json", "metrics.csv"):
-            shutil.copy(os.path.join(args.runs, name, f), keep)
+        shutil.copy(os.path.join(args.runs, name, "metrics.csv"), keep)
+        with open(os.path.join(args.runs, name, "config.json")) as f:
+            cfg = json.load(f)
+        # The data as the docs name it (beside the project), not where this machine keeps it.
+        for key in ("data_root", "out"):
+            if cfg.get(key):
+                cfg[key] = ("../shared/data/" if key == "data_root" else "runs/") + os.path.basename(cfg[key])
+        with open(os.path.join(keep, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
         bags, seed, method = name.split("-", 2)
         last = rows[-1]
         table.append({"bags": bags[4:], "seed": seed[1:], "method": method, "epochs": int(last["epoch"]),
