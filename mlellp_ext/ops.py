@@ -509,14 +509,11 @@ def _log_pmf_vjp(grad, logits, offsets, log_pmf_out):
     return out.to(logits.dtype)
 
 
-class _LogPmfVjpFn(torch.autograd.Function):
-    """log_pmf's vector-Jacobian product; differentiating it raises."""
+class _FirstDerivativeFn(torch.autograd.Function):
+    """A first derivative of posterior_weighted or log_pmf as a Function whose own
+    derivatives raise (they would need phi's, which has no kernel here)."""
 
-    generate_vmap_rule = True  # its forward is torch ops and ops with vmap rules: jacrev, vmap(grad) work
-
-    @staticmethod
-    def forward(grad, logits, offsets, log_pmf_out):
-        return _log_pmf_vjp(grad, logits, offsets, log_pmf_out)
+    generate_vmap_rule = True  # forwards of torch ops and ops with vmap rules: jacrev, vmap(grad) work
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -529,6 +526,14 @@ class _LogPmfVjpFn(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         raise RuntimeError(_WEIGHTED_SECOND_ORDER)
+
+
+class _LogPmfVjpFn(_FirstDerivativeFn):
+    """log_pmf's vector-Jacobian product."""
+
+    @staticmethod
+    def forward(grad, logits, offsets, log_pmf_out):
+        return _log_pmf_vjp(grad, logits, offsets, log_pmf_out)
 
 
 class _PosteriorWeightedFn(torch.autograd.Function):
@@ -564,10 +569,8 @@ class _PosteriorWeightedFn(torch.autograd.Function):
         _PosteriorWeightedFn.apply, info, in_dims, *args))
 
 
-class _WeightedLogLikGradFn(torch.autograd.Function):
-    """(g, phi, log_lik, z, log w) -> (grad of the logits, grad of the log-weights); differentiating it raises."""
-
-    generate_vmap_rule = True
+class _WeightedLogLikGradFn(_FirstDerivativeFn):
+    """(g, phi, log_lik, z, log w) -> (grad of the logits, grad of the log-weights)."""
 
     @staticmethod
     def forward(grad_log_lik, phi, log_lik, logits, offsets, logw, want_logits, want_weights):
@@ -583,18 +586,6 @@ class _WeightedLogLikGradFn(torch.autograd.Function):
             post = torch.where(w > -torch.inf, (w + lp - log_lik.to(dtype)[bag_of_k]).exp(), torch.zeros_like(w))
             grad_weights = (grad_log_lik.to(dtype)[bag_of_k] * post).to(logw.dtype)
         return grad_logits, None, grad_weights
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(_WEIGHTED_SECOND_ORDER)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(_WEIGHTED_SECOND_ORDER)
 
 
 class _PosteriorMulticlassFn(torch.autograd.Function):
