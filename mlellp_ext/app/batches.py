@@ -10,17 +10,40 @@ from ..samplers import BagBatchSampler
 from .distributed import SINGLE, World, _pad_to, all_max, per_rank_batch_size
 
 
+class _Decode(torch.utils.data.Dataset):
+    """Dataset view of an ImageFiles for a DataLoader: item i is image i (3, H, W)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.files.image(i)
+
+
 class Preprocess:
     """Index -> normalised float batch on the device, augmented when training.
 
     Augmentation (flips, blur, colour jitter; torchvision.transforms.v2) applies
     to RGB images only and is drawn per image from the global torch RNG, which
     the checkpoints save, so a resumed run sees the same draws.
+
+    Images held as files (data.ImageFiles: manifest, family-faces) are decoded
+    when needed. Given the coming batches (:meth:`plan`), ``workers`` processes
+    of a torch DataLoader decode them ahead, in that order (pinned memory on
+    CUDA); a call that does not match the plan decodes its images here. The
+    DataLoader draws its seeds from a generator of its own, so the augmentation
+    draws, and the results, are those of the same images held in memory.
     """
 
-    def __init__(self, x: torch.Tensor, is_rgb: bool, augment: bool, device: torch.device):
+    def __init__(self, x, is_rgb: bool, augment: bool, device: torch.device, workers: int = 0):
         self.x = x
         self.device = device
+        self.workers = int(workers)
+        self.lazy = not isinstance(x, torch.Tensor)
+        self._coming, self._loader = [], None
         self.augment = None
         if augment and is_rgb:
             from torchvision.transforms import v2
@@ -31,8 +54,31 @@ class Preprocess:
                 v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2, 0.02)], p=0.5),
             ])
 
+    def plan(self, batches: list[torch.Tensor]) -> None:
+        """The instance indices of the coming calls, in order (for files: decode them ahead)."""
+        if not self.lazy:
+            return
+        self._coming = [b.reshape(-1) for b in batches]
+        self._loader = None
+        if self._coming and self.workers > 0:
+            loader = torch.utils.data.DataLoader(
+                _Decode(self.x), batch_sampler=[b.tolist() for b in self._coming], num_workers=self.workers,
+                pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+            self._loader = iter(loader)
+
+    def _images(self, index: torch.Tensor) -> torch.Tensor:
+        if not self.lazy:
+            return self.x[index]
+        if self._coming and torch.equal(self._coming[0], index.reshape(-1)):
+            self._coming.pop(0)
+            if self._loader is not None:
+                return next(self._loader)
+        else:  # not the planned batch: the plan no longer holds
+            self._coming, self._loader = [], None
+        return self.x[index]
+
     def __call__(self, index: torch.Tensor, train: bool) -> torch.Tensor:
-        x = self.x[index]
+        x = self._images(index)
         if train and self.augment is not None:
             x = torch.stack([self.augment(img) for img in x])
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -51,6 +97,10 @@ class TrainingInputs:
 
     def __call__(self, positions: torch.Tensor, train: bool) -> torch.Tensor:
         return self.preprocess(self.index[positions], train=train)
+
+    def plan(self, batches: list[torch.Tensor]) -> None:
+        """The positions of the coming calls, in order (see Preprocess.plan)."""
+        self.preprocess.plan([self.index[p] for p in batches])
 
     def __len__(self) -> int:
         return self.index.numel()
@@ -72,8 +122,9 @@ class Batches:
     collective waits for a rank that has finished."""
 
     def __init__(self, offsets: torch.Tensor, counts: torch.Tensor, batch_size: int, generator: torch.Generator,
-                 world: World = SINGLE):
+                 world: World = SINGLE, on_plan=None):
         self.offsets, self.counts, self.world, self.generator = offsets, counts, world, generator
+        self.on_plan = on_plan  # told each epoch's batches of positions, in order (TrainingInputs.plan)
         self.batch_size = per_rank_batch_size(batch_size, world)
         self.num_instances = int(offsets[-1])
         self.sampler = BagBatchSampler(offsets, self.batch_size, generator=generator)
@@ -86,8 +137,11 @@ class Batches:
 
     def instances(self) -> list[torch.Tensor]:
         """Minibatches of positions 0..num_instances-1."""
-        return self._same_number(lambda: torch.randperm(self.num_instances, generator=self.generator)
-                                 .split(self.batch_size))
+        out = self._same_number(lambda: torch.randperm(self.num_instances, generator=self.generator)
+                                .split(self.batch_size))
+        if self.on_plan is not None:
+            self.on_plan(out)
+        return out
 
     def _bag_epoch(self) -> list[BagBatch]:
         out = []
@@ -99,7 +153,10 @@ class Batches:
 
     def bags(self) -> list[BagBatch]:
         """Minibatches of whole bags of about batch_size instances (empty bags left out)."""
-        return self._same_number(self._bag_epoch)
+        out = self._same_number(self._bag_epoch)
+        if self.on_plan is not None:
+            self.on_plan([b.positions for b in out])
+        return out
 
 
 @torch.no_grad()
@@ -108,6 +165,9 @@ def infer_logits(model, inputs, keys: torch.Tensor, batch_size: int) -> torch.Te
     TrainingInputs and positions), network in eval mode, no augmentation (CPU tensor)."""
     was_training = model.training
     model.eval()
-    out = [model(inputs(chunk, train=False)).float().cpu() for chunk in keys.split(batch_size)]
+    chunks = keys.split(batch_size)
+    if hasattr(inputs, "plan"):
+        inputs.plan(list(chunks))
+    out = [model(inputs(chunk, train=False)).float().cpu() for chunk in chunks]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)

@@ -116,6 +116,10 @@ def build_parser():
                    help="mixed precision of the network: bf16 (A100/H100, and CPUs), fp16 with a gradient scaler "
                         "(older GPUs), or off (default); losses and the E-step stay in float32")
     t.add_argument("--compile", action="store_true", help="torch.compile the network (first epoch slower)")
+    t.add_argument("--workers", type=int, default=DEFAULTS["workers"],
+                   help=f"manifest, family-faces: processes decoding the image files ahead of each batch "
+                        f"(default {DEFAULTS['workers']}; 0: decode in this process); the images are never all "
+                        f"held in memory")
     t.add_argument("--device", default=DEFAULTS["device"], help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true",

@@ -21,7 +21,9 @@ Datasets:
 ``classes`` (digits, npz, cifar10) names two classes (A -> 0, B -> 1), three or
 more (a C-way problem, labels in the order named) or ``all`` (every class present).
 
-``digits``, ``npz`` and ``cifar10`` form bags of uniform random sizes drawn
+``family-faces`` and ``manifest`` images stay on disk (:class:`ImageFiles`, decoded
+when indexed; their headers are checked when loading); the others are arrays in
+memory. ``digits``, ``npz`` and ``cifar10`` form bags of uniform random sizes drawn
 without replacement; all datasets then split whole bags into train and test.
 Everything random comes from one ``torch.Generator`` seeded with ``seed``, so a
 seed gives the same bags and split on every run and machine. Nothing is
@@ -75,7 +77,9 @@ class DataError(ValueError):
 
 @dataclass
 class InstanceData:
-    x: torch.Tensor  # images: uint8 (N, C, H, W); or float32 (N, C, H, W) for digits
+    # images: uint8 (N, C, H, W); float32 (N, C, H, W) for digits; ImageFiles (decoded when
+    # indexed) for the image-file datasets, manifest and family-faces
+    x: "torch.Tensor | ImageFiles"
     y: torch.Tensor | None  # int64 (N,) instance labels in 0..C-1; None when unknown
     classes: list[str]  # names of labels 0..C-1 (C = 2: a binary problem, counts of label 1)
     is_rgb: bool  # True for 3-channel natural images (augmentation applies)
@@ -372,8 +376,53 @@ def _read_rgb(path: str, size: tuple[int, int] | None, where: str) -> np.ndarray
         raise DataError(f"{where}: cannot read image {path} ({type(e).__name__}: {e})") from e
 
 
-def _stack_nchw(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
+def _check_header(path: str, where: str) -> tuple[int, int]:
+    """(width, height) of an image file from its header (no decoding); DataError naming
+    the file and ``where`` if it is not a readable image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
+        raise DataError(f"{where}: cannot read image {path} ({type(e).__name__}: {e})") from e
+
+
+class ImageFiles:
+    """Images read from their files when indexed, not held in memory: ``x[index]``
+    (an int, a 1-D index tensor or list, or a tuple whose first entry is one of
+    those) decodes those files, resized (bilinear) to ``size`` = (width, height),
+    into uint8 (k, 3, H, W), as the in-memory datasets hold them. ``shape`` and
+    ``dtype`` are those of the whole stack. Picklable, for DataLoader workers."""
+
+    dtype = torch.uint8
+
+    def __init__(self, paths: list[str], size: tuple[int, int], where: list[str]):
+        self.paths, self.size, self.where = list(paths), tuple(size), list(where)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.paths), 3, self.size[1], self.size[0]))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i as uint8 (3, H, W)."""
+        return torch.from_numpy(np.ascontiguousarray(_read_rgb(self.paths[i], self.size, self.where[i])
+                                                     .transpose(2, 0, 1)))
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.dim() == 0):
+            out = self.image(int(key))
+        else:
+            index = torch.as_tensor(key, dtype=torch.int64).reshape(-1).tolist()
+            out = torch.stack([self.image(i) for i in index]) if index else torch.empty(0, *self.shape[1:],
+                                                                                        dtype=torch.uint8)
+        return out[rest] if rest else out
 
 
 # ---------------------------------------------------------------------------
@@ -450,14 +499,17 @@ def _load_family_faces(root, num_bags):
         kept = set(bag_order)
         entries = [e for e in entries if e[0] in kept]
     # entries is sorted by bag id, so each bag's instances are contiguous.
-    images = [_read_rgb(os.path.join(root, name), FACE_SIZE, os.path.join(root, name)) for _, name, _ in entries]
+    paths = [os.path.join(root, name) for _, name, _ in entries]
+    for path in paths:  # a quick header check: every unreadable file is named before training
+        _check_header(path, path)
+    images = ImageFiles(paths, FACE_SIZE, paths)
     y = torch.tensor([lab for _, _, lab in entries], dtype=torch.int64)
     per_bag = Counter(bag for bag, _, _ in entries)
     sizes = torch.tensor([per_bag[b] for b in bag_order], dtype=torch.int64)
     index = torch.arange(len(entries), dtype=torch.int64)
     offsets = offsets_from_sizes(sizes)
     bags = Bags(index=index, offsets=offsets, counts=_bag_counts(y, index, offsets), bag_ids=list(bag_order))
-    data = InstanceData(x=_stack_nchw(images), y=y, classes=["m", "f"], is_rgb=True,
+    data = InstanceData(x=images, y=y, classes=["m", "f"], is_rgb=True,
                         source=f"family-faces folder {root}: {len(entries)} faces in {len(bag_order)} "
                                f"groups, resized to {FACE_SIZE[1]}x{FACE_SIZE[0]}")
     return data, bags
@@ -667,13 +719,12 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags, nois
         bag_order = bag_order[: int(num_bags)]
     # Instances are stored bag after bag, so index is simply 0..M-1.
     order = [i for bag in bag_order for i in members[bag]]
-    images, size = [], None
-    for i in order:
+    size = None
+    for i in order:  # a quick header check: every unreadable file is named before training
+        dims = _check_header(paths[i], f"{csv_path}, line {lines[i]}")
         # Images of different sizes cannot be batched; resize to the first image's size.
-        img = _read_rgb(paths[i], size, f"{csv_path}, line {lines[i]}")
-        if size is None:
-            size = (img.shape[1], img.shape[0])
-        images.append(img)
+        size = size or dims
+    images = ImageFiles([paths[i] for i in order], size, [f"{csv_path}, line {lines[i]}" for i in order])
     has_labels = all(labels[i] is not None for i in order)
     y = torch.tensor([labels[i] for i in order], dtype=torch.int64) if has_labels else None
     sizes = torch.tensor([len(members[b]) for b in bag_order], dtype=torch.int64)
@@ -692,7 +743,7 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags, nois
         count_tensor = count_tensor[:, -1].contiguous() if len(classes) == 2 else count_tensor
     bags = Bags(index=torch.arange(len(order), dtype=torch.int64), offsets=offsets_from_sizes(sizes),
                 counts=count_tensor, bag_ids=bag_order, count_log_weights=weights)
-    data = InstanceData(x=_stack_nchw(images), y=y, classes=classes, is_rgb=True,
+    data = InstanceData(x=images, y=y, classes=classes, is_rgb=True,
                         source=f"manifest {csv_path} with counts {counts_path}: {len(order)} images in "
                                f"{len(bag_order)} bags, {size[1]}x{size[0]}, classes {', '.join(classes)}")
     return data, bags

@@ -86,6 +86,7 @@ class TrainConfig:
     augment: bool = True
     amp: str = "off"  # off, bf16 or fp16: autocast of the network (app.precision)
     compile: bool = False  # torch.compile the network
+    workers: int = 2  # DataLoader processes decoding image files (manifest, family-faces); 0: in this process
     seed: int = 0
     device: str = "auto"
     quiet: bool = False
@@ -103,6 +104,8 @@ def check_options(cfg: TrainConfig) -> None:
             bad(option, value, "at least 1")
     if cfg.min_epochs < 0:
         bad("--min-epochs", cfg.min_epochs, "non-negative")
+    if cfg.workers < 0:
+        bad("--workers", cfg.workers, "non-negative")
     if cfg.amp not in AMP_MODES:
         bad("--amp", cfg.amp, f"one of {', '.join(AMP_MODES)}")
     if cfg.count_noise_model not in COUNT_NOISE_MODELS:
@@ -314,12 +317,13 @@ class Trainer:
         prepare_model(self.model, self.device, cfg.amp, cfg.compile)
         lr_factor(cfg.lr_schedule, 0, cfg.epochs)  # rejects an unknown schedule before any work
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.preprocess = Preprocess(self.data.x, self.data.is_rgb, cfg.augment, self.device)
+        self.preprocess = Preprocess(self.data.x, self.data.is_rgb, cfg.augment, self.device, cfg.workers)
         # Shuffling has its own generator; augmentation and dropout use the global RNG.
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         bags = self.train_bags
-        self.batches = Batches(bags.offsets, bags.counts, cfg.batch_size, self.generator, self.world)
         self.inputs = TrainingInputs(self.preprocess, bags.index)
+        self.batches = Batches(bags.offsets, bags.counts, cfg.batch_size, self.generator, self.world,
+                               on_plan=self.inputs.plan)
         offered = dict(offsets=bags.offsets, counts=bags.counts, count_log_weights=bags.count_log_weights,
                        model=self.model, device=self.device,
                        image_shape=tuple(self.data.x.shape[1:]), batch_size=cfg.batch_size, lr=cfg.lr,
@@ -464,7 +468,8 @@ class Trainer:
 # What --resume may change: how long to run and how to show it. Anything else would
 # continue a different run (another --seed, say, draws other bags, and the saved
 # targets phi would then belong to other instances).
-RESUME_MAY_CHANGE = ("out", "resume", "epochs", "tol", "min_epochs", "device", "quiet", "multiclass_estep", "compile")
+RESUME_MAY_CHANGE = ("out", "resume", "epochs", "tol", "min_epochs", "device", "quiet", "multiclass_estep", "compile",
+                     "workers")
 
 
 def settled_data_options(cfg: TrainConfig) -> TrainConfig:
