@@ -151,6 +151,10 @@ class StrongAugment(Preprocess):
                                    v2.RandomCrop(x.shape[-1], padding=4, padding_mode="reflect")])
         self.erase = v2.RandomErasing(p=1.0, scale=(0.02, 0.25), value=0)
 
+    def augment_batch(self, x):
+        # torchvision's per-image transforms on uint8 images (RandAugment needs them)
+        return (torch.stack([self.augment(img) for img in x]).float() / 255.0).to(self.device)
+
     def __call__(self, index):
         return torch.stack([self.erase(img) for img in super().__call__(index, train=True)])
 

@@ -7,6 +7,7 @@ import torch
 
 from ..bags import offsets_from_sizes
 from ..samplers import BagBatchSampler
+from .augment import BatchAugment
 from .distributed import SINGLE, World, _pad_to, all_max, per_rank_batch_size
 
 
@@ -26,9 +27,11 @@ class _Decode(torch.utils.data.Dataset):
 class Preprocess:
     """Index -> normalised float batch on the device, augmented when training.
 
-    Augmentation (flips, blur, colour jitter; torchvision.transforms.v2) applies
-    to RGB images only and is drawn per image from the global torch RNG, which
-    the checkpoints save, so a resumed run sees the same draws.
+    Augmentation (flips, blur, colour jitter: app.augment.BatchAugment, the
+    distribution of torchvision's per-image pipeline as tensor operations on the
+    whole batch, on the device) applies to RGB images only and is drawn per image
+    from the global torch RNG, which the checkpoints save, so a resumed run sees
+    the same draws. A subclass may override :meth:`augment_batch`.
 
     Images held as files (data.ImageFiles: manifest, family-faces) are decoded
     when needed. Given the coming batches (:meth:`plan`), ``workers`` processes
@@ -44,15 +47,8 @@ class Preprocess:
         self.workers = int(workers)
         self.lazy = not isinstance(x, torch.Tensor)
         self._coming, self._loader = [], None
-        self.augment = None
-        if augment and is_rgb:
-            from torchvision.transforms import v2
-
-            self.augment = v2.Compose([
-                v2.RandomHorizontalFlip(),
-                v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.2),
-                v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2, 0.02)], p=0.5),
-            ])
+        # Flips, blur and colour jitter of the whole batch on the device (app.augment)
+        self.augment = BatchAugment() if augment and is_rgb else None
 
     def plan(self, batches: list[torch.Tensor]) -> None:
         """The instance indices of the coming calls, in order (for files: decode them ahead)."""
@@ -77,12 +73,18 @@ class Preprocess:
             self._coming, self._loader = [], None
         return self.x[index]
 
+    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) -> augmented float images in [0, 1] on the device."""
+        return self.augment(x.to(self.device, non_blocking=True).float() / 255.0)
+
     def __call__(self, index: torch.Tensor, train: bool) -> torch.Tensor:
         x = self._images(index)
         if train and self.augment is not None:
-            x = torch.stack([self.augment(img) for img in x])
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        x = ((x - 0.5) / 0.5).to(self.device, non_blocking=True)
+            x = self.augment_batch(x)
+        else:
+            x = x.to(self.device, non_blocking=True)
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = (x - 0.5) / 0.5
         # channels_last on CUDA, as the network (app.precision)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
