@@ -41,11 +41,29 @@ def test_opcheck(gen, device, dtype):
     torch.library.opcheck(torch.ops.mlellp.phi_jvp.default, (tangent.requires_grad_(True), logits, offsets, counts))
 
 
-def test_log_pmf_backward_raises(gen):
+def test_log_pmf_reverse_mode_only(gen):
+    """log_pmf's backward (through posterior_weighted) sums the derivative of every
+    log P(S_b = k): against posterior's gradient for each single k; forward mode raises."""
     logits, offsets, _ = random_bags(gen, 5)
-    z = logits.clone().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        torch.ops.mlellp.log_pmf(z, offsets).sum().backward()
+    z = logits.double().clone().requires_grad_(True)
+    out = torch.ops.mlellp.log_pmf(z, offsets)
+    v = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (got,) = torch.autograd.grad(out, z, v)
+    sizes = offsets.diff()
+    want = torch.zeros_like(z)
+    for k in range(int(sizes.max()) + 1):
+        ok = sizes >= k  # bags with a count k
+        counts = torch.minimum(torch.full_like(sizes, k), sizes)
+        _, ll = torch.ops.mlellp.posterior(z, offsets, counts)
+        weight = torch.where(ok, v[offsets[:-1] + torch.arange(len(sizes)) + counts], torch.zeros(()).double())
+        (g,) = torch.autograd.grad(ll, z, weight)
+        want = want + g
+    torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            torch.ops.mlellp.log_pmf(fwAD.make_dual(z.detach(), torch.ones_like(z)), offsets)
 
 
 def test_torch_compile_fullgraph(gen):
