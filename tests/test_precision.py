@@ -26,6 +26,7 @@ def test_bf16_learns_and_resumes_exactly(tmp_path):
     train(TrainConfig(out=part, **dict(cfg, epochs=5)), stop_after_epochs=2)
     resumed = train(TrainConfig(out=part, resume=True, **cfg))
     assert [r["L"] for r in resumed] == [r["L"] for r in full]
+    assert not torch.is_autocast_enabled("cpu")  # autocast stays with the network's calls
 
 
 def test_fp16_uses_a_gradient_scaler_and_resumes(tmp_path):

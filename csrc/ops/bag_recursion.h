@@ -616,6 +616,26 @@ MLELLP_HD T tilt_correction(const Team& team, const T* z, int64_t n, T lambda, i
   return static_cast<T>(sum[0] - lam * static_cast<double>(y));
 }
 
+// p, q = sigmoid(+-z) of a bag's n logits, and whether any is infinite. A NaN
+// logit makes the whole bag NaN: phi and *log_lik are written and it returns
+// true. Every team member calls it.
+template <typename Team, typename T>
+MLELLP_HD bool load_logits(const Team& team, const T* z, int64_t n, T* p, T* q, T* phi, T* log_lik, bool* any_inf) {
+  T flags[2] = {T(0), T(0)};  // any NaN, any infinite logit
+  for (int64_t i = team.rank(); i < n; i += team.size()) {
+    const T zi = z[i];
+    flags[0] = is_nan(zi) ? T(1) : flags[0];
+    flags[1] = is_inf(zi) ? T(1) : flags[1];
+    sigmoid_pair(zi, p + i, q + i);
+  }
+  team.reduce(flags, 2, [](int, T a, T b) { return a > b ? a : b; });
+  *any_inf = flags[1] != T(0);
+  if (flags[0] == T(0)) return false;
+  for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
+  if (team.rank() == 0) *log_lik = nan_value<T>();
+  return true;
+}
+
 // ---------------------------------------------------------------------------
 // One bag of the posterior op, run by `team` (every member calls it).
 // z: n logits; counts condition S in [ylo, yhi] (0 <= ylo <= yhi <= n,
@@ -633,21 +653,10 @@ MLELLP_HD void posterior_bag(const Team& team, const T* z, int64_t n, int64_t yl
   T* p = ws;
   T* q = ws + n;
   T* rows = ws + 2 * n;
-  T flags[2] = {T(0), T(0)};  // any NaN, any infinite logit
-  for (int64_t i = team.rank(); i < n; i += team.size()) {
-    const T zi = z[i];
-    flags[0] = is_nan(zi) ? T(1) : flags[0];
-    flags[1] = is_inf(zi) ? T(1) : flags[1];
-    sigmoid_pair(zi, p + i, q + i);
-  }
-  team.reduce(flags, 2, [](int, T a, T b) { return a > b ? a : b; });
-  if (flags[0] != T(0)) {
-    for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
-    if (team.rank() == 0) *log_lik = nan_value<T>();
-    return;
-  }
+  bool any_inf;
+  if (load_logits(team, z, n, p, q, phi, log_lik, &any_inf)) return;
   bool done = false;
-  if (flags[1] == T(0)) {
+  if (!any_inf) {
     // Large bags: tilt the logits so that the target count is the expected
     // one (see tilt_towards); phi is unchanged by a tilt, log P(obs) is
     // corrected below.
@@ -751,22 +760,13 @@ MLELLP_HD void posterior_weighted_bag(const Team& team, const T* z, int64_t n, c
   T* rows = ws + 2 * n;
   T* init = ws + posterior_workspace(n, ylo, yhi);
   const int64_t len = yhi - ylo + 1;
-  T flags[2] = {T(0), T(0)};  // any NaN, any infinite logit
-  for (int64_t i = team.rank(); i < n; i += team.size()) {
-    const T zi = z[i];
-    flags[0] = is_nan(zi) ? T(1) : flags[0];
-    flags[1] = is_inf(zi) ? T(1) : flags[1];
-    sigmoid_pair(zi, p + i, q + i);
-  }
-  team.reduce(flags, 2, [](int, T a, T b) { return a > b ? a : b; });
-  if (flags[0] != T(0)) {
-    for (int64_t i = team.rank(); i < n; i += team.size()) phi[i] = nan_value<T>();
-    if (team.rank() == 0) *log_lik = nan_value<T>();
+  bool any_inf;
+  if (load_logits(team, z, n, p, q, phi, log_lik, &any_inf)) {
     team.sync();
     return;
   }
   bool done = false;
-  if (flags[1] == T(0)) {
+  if (!any_inf) {
     // Weights as probabilities with maximum one; those below tiny_value are
     // flushed, an entry error that ScaledArith's overlap check bounds as it
     // does the rows' own flushing.

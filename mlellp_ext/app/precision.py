@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -25,16 +27,27 @@ def prepare_model(model: torch.nn.Module, device: torch.device, amp: str, compil
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if amp != "off":
-        cast = torch.autocast(device.type, dtype=_DTYPES[amp])
         for name in ("forward", "class_logits", "features"):
             fn = getattr(model, name, None)
             if fn is not None:
                 # An instance attribute: nn.Module.__call__ calls self.forward, so this wraps every call,
                 # and the state_dict is the network's own.
-                setattr(model, name, cast(fn))
+                setattr(model, name, _autocast(fn, device.type, _DTYPES[amp]))
     if compile:
         model.compile()
     return model
+
+
+def _autocast(fn, device_type: str, dtype: torch.dtype):
+    """fn under a fresh torch.autocast per call. (One autocast object shared by nested
+    calls, forward calling features, would restore the wrong state on exit and leave
+    autocast on for the whole process.)"""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def attach_grad_scalers(amp: str, device: torch.device, *optimizers) -> None:
