@@ -87,3 +87,57 @@ def test_workers_decode_every_batch(tmp_path, monkeypatch):
     train(TrainConfig(out=str(tmp_path / "r"), dataset="manifest", data_root=inst, counts_file=counts, method="mle",
                       width=0.25, epochs=1, batch_size=16, tol=0.0, quiet=True, device="cpu", workers=2))
     assert calls == []
+
+
+def test_a_worker_error_is_the_file_s_own_one_line_error(tmp_path):
+    import multiprocessing
+
+    inst, counts = write_manifest(tmp_path, num_bags=10)
+    ds = load_dataset("manifest", data_root=inst, counts_file=counts, test_fraction=0.0)
+    from mlellp_ext.app.batches import Preprocess
+
+    pre = Preprocess(ds.data.x, True, False, torch.device("cpu"), workers=2)
+    plan = [torch.arange(0, 20), torch.arange(20, 40)]
+    os.remove(tmp_path / "img" / "1_0.png")  # image 6, in the first batch (workers start decoding at plan)
+    pre.plan(plan)
+    with pytest.raises(DataError) as err:
+        pre(plan[0], train=False)
+    assert str(err.value).startswith(f"{inst}, line 8: cannot read image")
+    assert "Traceback" not in str(err.value)
+    assert pre._loader is None and not multiprocessing.active_children()
+
+
+def test_truncated_png_is_named_when_loading(tmp_path):
+    inst, counts = write_manifest(tmp_path, num_bags=2)
+    path = tmp_path / "img" / "0_3.png"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(DataError, match=r"inst\.csv, line 5: cannot read image .*0_3\.png"):
+        load_dataset("manifest", data_root=inst, counts_file=counts)
+
+
+def test_image_files_refuse_ambiguous_keys_and_take_slices(tmp_path):
+    inst, counts = write_manifest(tmp_path, num_bags=1)
+    x = load_dataset("manifest", data_root=inst, counts_file=counts, test_fraction=0.0).data.x
+    assert torch.equal(x[1:4], x[torch.tensor([1, 2, 3])]) and x[:, 0].shape == (6, 12, 12)
+    for key in (torch.tensor([True, False, True, False, False, False]), [[0, 1]], torch.tensor([0.5])):
+        with pytest.raises(IndexError, match="ImageFiles: index with"):
+            x[key]
+
+
+def test_a_batch_asked_twice_keeps_the_plan(tmp_path, monkeypatch):
+    inst, counts = write_manifest(tmp_path, num_bags=10)
+    ds = load_dataset("manifest", data_root=inst, counts_file=counts, test_fraction=0.0)
+    from mlellp_ext.app.batches import Preprocess
+
+    calls = []
+    real, main = ImageFiles.image, os.getpid()
+    monkeypatch.setattr(ImageFiles, "image",
+                        lambda self, i: (calls.append(i) if os.getpid() == main else None) or real(self, i))
+    pre = Preprocess(ds.data.x, True, False, torch.device("cpu"), workers=2)
+    plan = [torch.arange(0, 20), torch.arange(20, 40), torch.arange(40, 60)]
+    pre.plan(plan)
+    first = pre(plan[0], train=False)
+    again = pre(plan[0], train=False)  # a second view of the same batch: decoded here
+    pre(plan[1], train=False)
+    pre(plan[2], train=False)
+    assert torch.equal(first, again) and sorted(calls) == list(range(20))

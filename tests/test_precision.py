@@ -66,3 +66,14 @@ def test_bad_amp(tmp_path, capsys):
     with pytest.raises(DataError, match="--amp must be one of off, bf16, fp16, got 'int8'"):
         train(TrainConfig(out=str(tmp_path / "r"), amp="int8", **SMALL))
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_autocast_outputs_are_float32():
+    from mlellp_ext.app.models import build_backbone
+    from mlellp_ext.app.precision import prepare_model
+
+    net = prepare_model(build_backbone("cnn", 3, 2, 0.25), torch.device("cpu"), "bf16", False)
+    x = torch.randn(4, 3, 16, 16)
+    for out in (net(x), net.class_logits(x), net.features(x)):
+        assert out.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")

@@ -18,8 +18,9 @@ operation runs once per batch with per-image parameters.
 
 Parameters are drawn on the CPU from torch's global generator, which the
 training checkpoints save, so a resumed run draws the same augmentations.
-The trainer's ``batches.Preprocess`` uses it (runs before 0.3 used the
-per-image pipeline: the same distribution, other draws).
+The trainer's ``batches.Preprocess`` uses it (earlier runs, the documented CIFAR
+experiments among them, used the per-image pipeline: the same distribution,
+other draws).
 """
 from __future__ import annotations
 

@@ -46,16 +46,24 @@ class Preprocess:
         self.device = device
         self.workers = int(workers)
         self.lazy = not isinstance(x, torch.Tensor)
-        self._coming, self._loader = [], None
+        self._coming, self._loader, self._last = [], None, None
         # Flips, blur and colour jitter of the whole batch on the device (app.augment)
         self.augment = BatchAugment() if augment and is_rgb else None
+
+    def _stop(self) -> None:
+        """Drop the plan and stop its workers now (waiting for the iterator's garbage
+        collection can leave them running while an error is reported)."""
+        stop = getattr(self._loader, "_shutdown_workers", None)  # DataLoader's own shutdown, where it has one
+        if stop is not None:
+            stop()
+        self._coming, self._loader, self._last = [], None, None
 
     def plan(self, batches: list[torch.Tensor]) -> None:
         """The instance indices of the coming calls, in order (for files: decode them ahead)."""
         if not self.lazy:
             return
+        self._stop()
         self._coming = [b.reshape(-1) for b in batches]
-        self._loader = None
         if self._coming and self.workers > 0:
             loader = torch.utils.data.DataLoader(
                 _Decode(self.x), batch_sampler=[b.tolist() for b in self._coming], num_workers=self.workers,
@@ -65,12 +73,19 @@ class Preprocess:
     def _images(self, index: torch.Tensor) -> torch.Tensor:
         if not self.lazy:
             return self.x[index]
-        if self._coming and torch.equal(self._coming[0], index.reshape(-1)):
-            self._coming.pop(0)
+        flat = index.reshape(-1)
+        if self._coming and torch.equal(self._coming[0], flat):
+            self._last = self._coming.pop(0)
             if self._loader is not None:
-                return next(self._loader)
+                try:
+                    return next(self._loader)
+                except Exception:  # noqa: BLE001  (a worker's error, or a worker killed)
+                    # Stop the workers and decode here, which raises the file's own DataError (or succeeds).
+                    self._stop()
+        elif self._last is not None and torch.equal(self._last, flat):
+            pass  # the batch just served, asked again (a second view of it): decode it here, keep the plan
         else:  # not the planned batch: the plan no longer holds
-            self._coming, self._loader = [], None
+            self._stop()
         return self.x[index]
 
     def augment_batch(self, x: torch.Tensor) -> torch.Tensor:

@@ -377,21 +377,25 @@ def _read_rgb(path: str, size: tuple[int, int] | None, where: str) -> np.ndarray
 
 
 def _check_header(path: str, where: str) -> tuple[int, int]:
-    """(width, height) of an image file from its header (no decoding); DataError naming
-    the file and ``where`` if it is not a readable image."""
+    """(width, height) of an image file, read without decoding it (PIL's verify: the
+    header, and for PNG the checksums of the whole file); DataError naming the file and
+    ``where`` if it is not a readable image. A file broken in a way only decoding
+    finds (a truncated JPEG) is named when it is first decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.size
+            size = im.size
+            im.verify()  # reads the file through (for PNG, its checksums) without decoding it
+            return size
     except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
         raise DataError(f"{where}: cannot read image {path} ({type(e).__name__}: {e})") from e
 
 
 class ImageFiles:
     """Images read from their files when indexed, not held in memory: ``x[index]``
-    (an int, a 1-D index tensor or list, or a tuple whose first entry is one of
-    those) decodes those files, resized (bilinear) to ``size`` = (width, height),
+    (an int, a slice, a 1-D integer tensor or list, or a tuple whose first entry is
+    one of those) decodes those files, resized (bilinear) to ``size`` = (width, height),
     into uint8 (k, 3, H, W), as the in-memory datasets hold them. ``shape`` and
     ``dtype`` are those of the whole stack. Picklable, for DataLoader workers."""
 
@@ -416,13 +420,20 @@ class ImageFiles:
         rest = ()
         if isinstance(key, tuple):
             key, rest = key[0], key[1:]
+        if isinstance(key, slice):
+            key = list(range(len(self)))[key]
         if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.dim() == 0):
             out = self.image(int(key))
+            return out[rest] if rest else out
         else:
-            index = torch.as_tensor(key, dtype=torch.int64).reshape(-1).tolist()
+            key = torch.as_tensor(key)
+            if key.dtype == torch.bool or key.is_floating_point() or key.dim() != 1:
+                raise IndexError(f"ImageFiles: index with an int, a slice or a 1-D integer tensor/list, got "
+                                 f"dtype {key.dtype}, shape {list(key.shape)}")
+            index = key.long().tolist()
             out = torch.stack([self.image(i) for i in index]) if index else torch.empty(0, *self.shape[1:],
                                                                                         dtype=torch.uint8)
-        return out[rest] if rest else out
+        return out[(slice(None),) + rest] if rest else out
 
 
 # ---------------------------------------------------------------------------

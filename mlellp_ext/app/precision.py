@@ -45,7 +45,9 @@ def _autocast(fn, device_type: str, dtype: torch.dtype):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         with torch.autocast(device_type, dtype=dtype):
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+        # Outputs in float32: every loss (LLP-GAN's on class_logits and features too) stays there.
+        return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
     return run
 
