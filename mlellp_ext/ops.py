@@ -230,10 +230,10 @@ def _batch_call(call, logits, offsets, *args):
                          f"instance k*{n} + i are bag b and instance i of batch entry k)") from None
 
 
-def _posterior_vmap(call, info, in_dims, logits, offsets, counts):
+def _posterior_vmap(call, info, in_dims, logits, offsets, counts, *, op="posterior"):
     batch = info.batch_size
     logits = _batched(logits, in_dims[0], batch)
-    tiled = _tiled_offsets("posterior", logits, offsets, in_dims[1])
+    tiled = _tiled_offsets(op, logits, offsets, in_dims[1])
     counts = _batched(counts, in_dims[2], batch)
     phi, log_lik = _batch_call(call, logits, offsets, logits.reshape(-1), tiled, counts.reshape(-1))
     return (phi.view(logits.shape), log_lik.view(batch, offsets.shape[0] - 1)), (0, 0)
@@ -267,14 +267,10 @@ def _log_pmf_vmap(call, info, in_dims, logits, offsets):
 
 
 def _posterior_weighted_vmap(call, info, in_dims, logits, offsets, count_log_weights):
-    batch = info.batch_size
-    logits = _batched(logits, in_dims[0], batch)
-    tiled = _tiled_offsets("posterior_weighted", logits, offsets, in_dims[1])
     # Entry k's bag b has its weights at tiled[kB + b] + kB + b = k (N + B) + offsets[b] + b:
-    # each entry's weights contiguous, laid out as unbatched (as log_pmf's output).
-    weights = _batched(count_log_weights, in_dims[2], batch)
-    phi, log_lik = _batch_call(call, logits, offsets, logits.reshape(-1), tiled, weights.reshape(-1))
-    return (phi.view(logits.shape), log_lik.view(batch, offsets.shape[0] - 1)), (0, 0)
+    # each entry's weights contiguous, laid out as unbatched (as log_pmf's output), so the
+    # counts' rule serves.
+    return _posterior_vmap(call, info, in_dims, logits, offsets, count_log_weights, op="posterior_weighted")
 
 
 def _posterior_multiclass_vmap(call, info, in_dims, logits, offsets, counts, max_states=DEFAULT_MAX_STATES):
