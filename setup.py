@@ -47,7 +47,9 @@ def _extension():
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "ops", "cpu", "*.cpp")))
     # No a*b+c contraction: the CPU's SIMD lanes stay bitwise equal to the per-bag path,
     # and (-fmad=false) the device runs the header's arithmetic as the host does.
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -fno-trapping-math (values unchanged) lets the vectoriser compute both sides of
+    # a ?: choice, which augment_image.h's per-pixel loops need.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
     # at::parallel_for is inline OpenMP code: without -fopenmp it compiles to
     # a serial loop in this extension. Torch loads its libgomp first, so the
     # extension shares torch's OpenMP runtime and thread count.

@@ -40,7 +40,7 @@ def batched():
     aug = BatchAugment()
 
     def run(x, index):
-        return (aug(x[index].float() / 255.0) - 0.5) / 0.5
+        return (aug(x[index]) - 0.5) / 0.5  # as the trainer's Preprocess: uint8 into the op
     return run
 
 

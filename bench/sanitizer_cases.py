@@ -6,7 +6,8 @@ A plain script rather than pytest, so that the sanitizer's slow start is paid
 once. Every op runs on fresh random inputs, per-bag kernels (small bags) and
 the block kernel (bags whose rows are 64 or more wide) alike, plus empty bags,
 y = 0 and y = n, infinite logits and rejected input, and the multi-class op on
-random count vectors, and the weighted op on random log-weights; each result is compared with the CPU kernels. The ops allocate their own outputs, so before each call
+random count vectors, the weighted op on random log-weights and augment_images on
+random images and parameters; each result is compared with the CPU kernels. The ops allocate their own outputs, so before each call
 blocks of the outputs' sizes are filled with NaN and freed into torch's caching
 allocator, which most likely hands them to the op: an element no kernel wrote
 then reads NaN where the CPU has a number. (gpu-check runs memcheck and
@@ -150,6 +151,25 @@ def check_weighted(label, logits, offsets, gen):
     torch.cuda.synchronize()
 
 
+def check_augment(label, images, gen):
+    """augment_images with random per-image parameters (every op in random orders, blurs, flips)."""
+    from mlellp_ext.image_ops import augment_images
+
+    n = images.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    sigma = torch.where(torch.rand(n, generator=gen) < 0.5, 0.1 + torch.rand(n, generator=gen), 0.0)
+    order = torch.rand(n, 4, generator=gen).argsort(1)
+    order[torch.rand(n, generator=gen) < 0.3] = -1
+    factors = torch.cat((0.8 + 0.4 * torch.rand(n, 3, generator=gen), 0.04 * torch.rand(n, 1, generator=gen) - 0.02), 1)
+    dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    want = augment_images(images, flip, sigma.to(dtype), order, factors.to(dtype))
+    poison_cache(want)
+    got = augment_images(images.cuda(), flip.cuda(), sigma.to(dtype).cuda(), order.cuda(), factors.to(dtype).cuda())
+    torch.cuda.synchronize()
+    same(f"{label} augment_images", got, want, tol)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wide-only", action="store_true")
@@ -163,6 +183,11 @@ def main(argv=None):
         logits, offsets, _ = bags(gen, [150, 3, 300, 0, 129], dtype)
         # Rows 64 or more wide (bags 0, 2 and 4) go to the block kernel.
         check_all_ops(f"wide bags {dtype}", logits, offsets, torch.tensor([75, 3, 140, 0, 64]), gen)
+    # augment_images: a thread block per image (shared-memory reductions: racecheck too)
+    for shape in [(40, 3, 32, 32), (5, 3, 1, 5), (7, 3, 17, 3), (0, 3, 8, 8)]:
+        check_augment(f"augment {shape} uint8", torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8), gen)
+        for dtype in (torch.float32, torch.float64):
+            check_augment(f"augment {shape} {dtype}", torch.rand(shape, generator=gen, dtype=dtype), gen)
     if not args.wide_only:
         check_all_ops("no bags", torch.empty(0), torch.zeros(1, dtype=torch.long), torch.empty(0, dtype=torch.long), gen)
         for dtype in (torch.float32, torch.float64, torch.float16):

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 
 namespace mlellp {
@@ -90,6 +91,72 @@ void check_weighted_layout(const char* op, const at::Tensor& logits, const at::T
                     count_log_weights.numel());
   TORCH_CHECK_VALUE(count_log_weights.device() == logits.device(), op, ": count_log_weights is on ",
                     count_log_weights.device(), " but logits is on ", logits.device());
+}
+
+void check_augment_layout(const char* op, const at::Tensor& images, const at::Tensor& flip,
+                          const at::Tensor& blur_sigma, const at::Tensor& jitter_order,
+                          const at::Tensor& jitter_factors) {
+  TORCH_CHECK_VALUE(images.defined(), op, ": images is required, got None");
+  TORCH_CHECK_VALUE(images.dim() == 4 && images.size(1) == 3, op,
+                    ": images must be (B, 3, H, W) RGB images, got shape ", images.sizes());
+  TORCH_CHECK_VALUE(images.scalar_type() == at::kByte || is_floating(images.scalar_type()), op,
+                    ": images must be uint8 (0..255) or float32, float64, float16 or bfloat16 (in [0, 1]), got ",
+                    images.scalar_type());
+  const int64_t n = images.size(0);
+  enum Kind { kBoolKind, kLongKind, kFloatingKind };
+  const struct {
+    const char* name;
+    const at::Tensor& t;
+    int64_t cols;  // 0: 1-D of length B
+    Kind kind;
+  } params[] = {{"flip", flip, 0, kBoolKind},
+                {"blur_sigma", blur_sigma, 0, kFloatingKind},
+                {"jitter_order", jitter_order, 4, kLongKind},
+                {"jitter_factors", jitter_factors, 4, kFloatingKind}};
+  for (const auto& p : params) {
+    TORCH_CHECK_VALUE(p.t.defined(), op, ": ", p.name, " is required, got None");
+    const bool shape_ok = p.cols == 0 ? (p.t.dim() == 1 && p.t.size(0) == n)
+                                      : (p.t.dim() == 2 && p.t.size(0) == n && p.t.size(1) == p.cols);
+    TORCH_CHECK_VALUE(shape_ok, op, ": ", p.name, " must have shape ",
+                      p.cols == 0 ? "[" + std::to_string(n) + "]"
+                                  : "[" + std::to_string(n) + ", " + std::to_string(p.cols) + "]",
+                      " (one ", p.cols == 0 ? "value" : "row", " per image), got ", p.t.sizes());
+    const auto dt = p.t.scalar_type();
+    const bool dtype_ok = p.kind == kBoolKind ? dt == at::kBool : p.kind == kLongKind ? dt == at::kLong : is_floating(dt);
+    TORCH_CHECK_VALUE(dtype_ok, op, ": ", p.name, " must be ",
+                      p.kind == kBoolKind   ? "bool"
+                      : p.kind == kLongKind ? "int64"
+                                            : "float32, float64, float16 or bfloat16",
+                      ", got ", dt);
+    TORCH_CHECK_VALUE(p.t.device() == images.device(), op, ": ", p.name, " is on ", p.t.device(),
+                      " but images is on ", images.device());
+  }
+}
+
+void check_augment_values_host(const char* op, int64_t n, const double* blur_sigma, const int64_t* jitter_order,
+                               const double* jitter_factors) {
+  static const char* names[] = {"brightness", "contrast", "saturation", "hue"};
+  for (int64_t i = 0; i < n; ++i) {
+    const double s = blur_sigma[i];
+    TORCH_CHECK_VALUE(std::isfinite(s) && s >= 0, op, ": blur_sigma[", i,
+                      "] must be finite and >= 0 (0: no blur), got ", s);
+    const int64_t* o = jitter_order + 4 * i;
+    bool seen[4] = {false, false, false, false};
+    for (int k = 0; k < 4; ++k) {
+      const bool ok = o[k] >= -1 && o[k] <= 3 && (o[k] < 0 || !seen[o[k]]);
+      TORCH_CHECK_VALUE(ok, op, ": jitter_order[", i, "] = [", o[0], ", ", o[1], ", ", o[2], ", ", o[3],
+                        "]: each entry must be -1 (none) or an operation 0..3 (brightness, contrast, saturation, "
+                        "hue), each operation at most once");
+      if (o[k] >= 0) seen[o[k]] = true;
+    }
+    const double* f = jitter_factors + 4 * i;
+    for (int k = 0; k < 3; ++k) {
+      TORCH_CHECK_VALUE(std::isfinite(f[k]) && f[k] >= 0, op, ": jitter_factors[", i, ", ", k, "] (", names[k],
+                        ") must be finite and >= 0, got ", f[k]);
+    }
+    TORCH_CHECK_VALUE(f[3] >= -0.5 && f[3] <= 0.5, op, ": jitter_factors[", i,
+                      ", 3] (hue shift) must be in [-0.5, 0.5], got ", f[3]);
+  }
 }
 
 void check_bag_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,

@@ -90,7 +90,9 @@ class Preprocess:
 
     def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, C, H, W) -> augmented float images in [0, 1] on the device."""
-        return self.augment(x.to(self.device, non_blocking=True).float() / 255.0)
+        x = x.to(self.device, non_blocking=True)
+        # uint8 goes to the op as it is (it divides by 255 as it reads)
+        return self.augment(x if x.dtype == torch.uint8 else x.float())
 
     def __call__(self, index: torch.Tensor, train: bool) -> torch.Tensor:
         x = self._images(index)

@@ -10,6 +10,7 @@
 
 #include "../bag_recursion.h"
 #include "../checks.h"
+#include "block_team.cuh"
 
 namespace mlellp {
 namespace {
@@ -18,37 +19,8 @@ constexpr int kThreads = 128;
 // Bags whose rows are at least this wide get a thread block each (BlockTeam),
 // smaller ones a thread each: a lone thread would crawl through a wide row.
 constexpr int64_t kBlockMinWidth = 64;
-constexpr int kBlockThreads = 256;  // a power of two (tree reductions)
-
-// The CUDA team of bag_recursion.h: the threads of one block. Reductions use
-// a shared-memory tree in a fixed order, so results are deterministic.
-class BlockTeam {
- public:
-  __device__ explicit BlockTeam(double* shared) : shared_(shared) {}
-  __device__ int rank() const { return threadIdx.x; }
-  __device__ int size() const { return blockDim.x; }
-  __device__ void sync() const { __syncthreads(); }
-  template <typename T, typename Op>
-  __device__ void reduce(T* values, int count, Op op) const {
-    const int n = blockDim.x, t = threadIdx.x;
-    for (int j = 0; j < count; ++j) shared_[j * n + t] = static_cast<double>(values[j]);
-    __syncthreads();
-    for (int stride = n / 2; stride > 0; stride /= 2) {
-      if (t < stride) {
-        for (int j = 0; j < count; ++j) {
-          shared_[j * n + t] = static_cast<double>(
-              op(j, static_cast<T>(shared_[j * n + t]), static_cast<T>(shared_[j * n + t + stride])));
-        }
-      }
-      __syncthreads();
-    }
-    for (int j = 0; j < count; ++j) values[j] = static_cast<T>(shared_[j * n]);
-    __syncthreads();  // the buffer is reused by the next reduction
-  }
-
- private:
-  double* shared_;
-};
+using cuda_detail::BlockTeam;
+using cuda_detail::kBlockThreads;
 
 inline unsigned int blocks_for(int64_t work) {
   return static_cast<unsigned int>((work + kThreads - 1) / kThreads);

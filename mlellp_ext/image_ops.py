@@ -1,0 +1,80 @@
+"""Image op for training pipelines: ``augment_images``, a whole batch of
+per-image flips, blurs and colour jitters in one call (``torch.ops.mlellp.augment_images``,
+CPU and CUDA kernels; csrc/ops/augment_image.h holds the arithmetic).
+
+torchvision's transforms take one set of parameters per call, so a batch whose
+images each get their own costs one Python call per image; this op takes the
+parameters of every image at once. The parameters are the caller's to draw
+(``mlellp_ext.app.augment.BatchAugment`` draws torchvision's ColorJitter / GaussianBlur
+distribution). Not differentiable (it is input augmentation).
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops import _FLOATING, _FLOATING_TEXT, _check, _check_dtype
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3  # jitter operations, as numbered in jitter_order
+NO_OP = -1
+
+
+@torch.library.register_fake("mlellp::augment_images")
+def _augment_images_fake(images, flip, blur_sigma, jitter_order, jitter_factors):
+    """check_augment_layout of csrc/ops/checks.cpp, in the same order and words."""
+    op = "augment_images"
+    _check(op, images.dim() == 4 and images.shape[1] == 3,
+           lambda: f"images must be (B, 3, H, W) RGB images, got shape {list(images.shape)}")
+    _check_dtype(op, "images", images, (torch.uint8,) + _FLOATING,
+                 f"uint8 (0..255) or {_FLOATING_TEXT} (in [0, 1])")
+    n = images.shape[0]
+    for name, t, cols, dtypes, text in (("flip", flip, 0, (torch.bool,), "bool"),
+                                        ("blur_sigma", blur_sigma, 0, _FLOATING, _FLOATING_TEXT),
+                                        ("jitter_order", jitter_order, 4, (torch.int64,), "int64"),
+                                        ("jitter_factors", jitter_factors, 4, _FLOATING, _FLOATING_TEXT)):
+        shape = [n] if cols == 0 else [n, cols]
+        _check(op, list(t.shape) == shape,
+               lambda: f"{name} must have shape {shape} (one {'value' if cols == 0 else 'row'} per image), "
+                       f"got {list(t.shape)}")
+        _check_dtype(op, name, t, dtypes, text)
+        if t.device != images.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but images is on {images.device}")
+    dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
+    return torch.empty_like(images, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def augment_images(images: torch.Tensor, flip: torch.Tensor, blur_sigma: torch.Tensor,
+                   jitter_order: torch.Tensor, jitter_factors: torch.Tensor) -> torch.Tensor:
+    """Augment a batch of RGB images, each with its own parameters.
+
+    Args:
+        images: (B, 3, H, W) RGB, uint8 (read as value / 255, as
+            torchvision's ``to_dtype(..., scale=True)``, giving float32) or
+            float32/float64/float16/bfloat16 in [0, 1] (float16/bfloat16 are
+            computed in float32); any memory layout.
+        flip: (B,) bool; True mirrors the image's columns.
+        blur_sigma: (B,) floating, finite and >= 0: a 3x3 Gaussian blur of that
+            sigma with reflect padding, 0 for none. Applied after the flip.
+        jitter_order: (B, 4) int64: the colour operations applied after the
+            blur, in this order: ``BRIGHTNESS`` (0), ``CONTRAST`` (1),
+            ``SATURATION`` (2), ``HUE`` (3), or ``NO_OP`` (-1); each at most once.
+        jitter_factors: (B, 4) floating: brightness, contrast and saturation
+            factors (finite, >= 0; 1 leaves the image as is) and the hue shift
+            (in [-0.5, 0.5]), used by the operations ``jitter_order`` names.
+
+    Returns:
+        (B, 3, H, W) contiguous tensor on images' device, of their dtype
+        (float32 for uint8): what
+        torchvision.transforms.v2.functional's ``horizontal_flip``,
+        ``gaussian_blur(img, 3, sigma)`` and ``adjust_brightness`` /
+        ``adjust_contrast`` / ``adjust_saturation`` / ``adjust_hue`` give image
+        by image (hue to float32 rounding: torchvision computes it in float32).
+
+    Raises:
+        ValueError: a shape, dtype or device that does not match, or a value
+            outside the ranges above (the message names the argument, the image
+            and the value).
+    """
+    return torch.ops.mlellp.augment_images(images, flip, blur_sigma, jitter_order, jitter_factors)
+
+
+__all__ = ["augment_images", "BRIGHTNESS", "CONTRAST", "SATURATION", "HUE", "NO_OP"]
