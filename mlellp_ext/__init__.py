@@ -12,7 +12,9 @@ The library (this package's top-level modules):
 * ``EMTargets`` (em): EM's soft targets, for your own training loop;
 * ``dllp_loss`` (losses): DLLP's bag-proportion loss;
 * ``BagBatchSampler`` (samplers): DataLoader batches of whole bags;
-* bags: the ragged bag layout (``offsets_from_sizes``, ``sizes_from_offsets``).
+* bags: the ragged bag layout (``offsets_from_sizes``, ``sizes_from_offsets``);
+* ``image_ops.augment_images``: a batch's flips, blurs and colour jitters, each
+  image with its own parameters, in one op call (CPU and CUDA).
 
 The application (``mlellp_ext.app``: trainer, datasets, methods, the ``mlellp``
 command) is built on it; the library never imports it.
@@ -20,7 +22,7 @@ command) is built on it; the library never imports it.
 import torch  # noqa: F401  (the library links against libtorch)
 
 from . import _C  # noqa: F401  (registers torch.ops.mlellp.*)
-from . import count_weights
+from . import count_weights, image_ops
 from .approx import posterior_multiclass_approx
 from .bags import offsets_from_sizes, sizes_from_offsets
 from .em import EMTargets
@@ -34,6 +36,7 @@ __all__ = [
     "bag_log_likelihood",
     "count_weights",
     "dllp_loss",
+    "image_ops",
     "log_pmf",
     "offsets_from_sizes",
     "posterior",

@@ -42,7 +42,8 @@ class BatchAugment:
         # Every draw on the CPU generator, in a fixed order, whatever the device.
         u = torch.rand(n, 4)
         sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * torch.rand(n)
-        factors = 1 - BRIGHTNESS + 2 * BRIGHTNESS * torch.rand(n, 3)
+        spread = torch.tensor([BRIGHTNESS, CONTRAST, SATURATION])
+        factors = 1 - spread + 2 * spread * torch.rand(n, 3)
         hue = -HUE + 2 * HUE * torch.rand(n)
         order = torch.rand(n, 4).argsort(1)  # a uniformly random order of the four jitters per image
         flip, blur, jitter = u[:, 0] < FLIP_P, u[:, 1] < BLUR_P, u[:, 2] < JITTER_P
