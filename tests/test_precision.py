@@ -77,3 +77,14 @@ def test_autocast_outputs_are_float32():
     for out in (net(x), net.class_logits(x), net.features(x)):
         assert out.dtype == torch.float32
     assert not torch.is_autocast_enabled("cpu")
+    # A copy runs its own weights, under autocast too; the state_dict is the network's own.
+    import copy
+
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    assert not torch.equal(twin(x), net(x)) and twin(x).dtype == torch.float32
+    plain = build_backbone("cnn", 3, 2, 0.25)
+    assert plain.load_state_dict(net.state_dict()) is not None and isinstance(net, type(plain))
+    assert type(prepare_model(net, torch.device("cpu"), "fp16", False)).__bases__[0] is type(plain)

@@ -237,9 +237,18 @@ class RotationAux:
             loss = F.binary_cross_entropy_with_logits(z, targets(pos)) + weight * rotation
             optimizer.zero_grad(set_to_none=True)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # one backward into both heads (one process: nothing to sync)
-            optimizer.step()
-            self.optimizer.step()
+            # one backward into both heads (one process: nothing to sync); under --amp fp16
+            # through the network optimiser's gradient scaler, which steps both
+            scaler = getattr(optimizer, "grad_scaler", None)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+                self.optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.step(self.optimizer)
+                scaler.update()
             recorded[pos] = z.detach()
             total += loss.item() * pos.numel()
         return total / recorded.numel(), recorded

@@ -27,15 +27,25 @@ def prepare_model(model: torch.nn.Module, device: torch.device, amp: str, compil
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if amp != "off":
-        for name in ("forward", "class_logits", "features"):
-            fn = getattr(model, name, None)
-            if fn is not None:
-                # An instance attribute: nn.Module.__call__ calls self.forward, so this wraps every call,
-                # and the state_dict is the network's own.
-                setattr(model, name, _autocast(fn, device.type, _DTYPES[amp]))
+        # A subclass of the network's own class whose methods run under autocast: a
+        # copy (copy.deepcopy, an EMA teacher) keeps it and runs its own weights, and
+        # the state_dict is the network's own. (Methods wrapped on the instance would
+        # be shared by a copy, still bound to the original network.)
+        model.__class__ = _autocast_class(type(model), device.type, _DTYPES[amp])
     if compile:
         model.compile()
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def _autocast_class(cls: type, device_type: str, dtype: torch.dtype) -> type:
+    """cls with forward (and class_logits/features, which LLP-GAN calls) under autocast."""
+    if getattr(cls, "_mlellp_autocast", None) is not None:
+        cls = cls.__bases__[0]  # prepared again: replace the wrapper, do not nest it
+    methods = {name: _autocast(getattr(cls, name), device_type, dtype)
+               for name in ("forward", "class_logits", "features") if hasattr(cls, name)}
+    return type(f"Autocast{cls.__name__}", (cls,),
+                {**methods, "__module__": cls.__module__, "_mlellp_autocast": (device_type, dtype)})
 
 
 def _autocast(fn, device_type: str, dtype: torch.dtype):
