@@ -151,8 +151,9 @@ def check_weighted(label, logits, offsets, gen):
     torch.cuda.synchronize()
 
 
-def check_augment(label, images, gen):
-    """augment_images with random per-image parameters (every op in random orders, blurs, flips)."""
+def check_augment(label, images, gen, params_on_gpu=False):
+    """augment_images with random per-image parameters (every op in random orders, blurs, flips),
+    the parameters on the CPU (the trainer's way) or on the GPU."""
     from mlellp_ext.image_ops import augment_images
 
     n = images.shape[0]
@@ -165,7 +166,8 @@ def check_augment(label, images, gen):
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     want = augment_images(images, flip, sigma.to(dtype), order, factors.to(dtype))
     poison_cache(want)
-    got = augment_images(images.cuda(), flip.cuda(), sigma.to(dtype).cuda(), order.cuda(), factors.to(dtype).cuda())
+    params = (flip, sigma.to(dtype), order, factors.to(dtype))
+    got = augment_images(images.cuda(), *(p.cuda() if params_on_gpu else p for p in params))
     torch.cuda.synchronize()
     same(f"{label} augment_images", got, want, tol)
 
@@ -184,10 +186,13 @@ def main(argv=None):
         # Rows 64 or more wide (bags 0, 2 and 4) go to the block kernel.
         check_all_ops(f"wide bags {dtype}", logits, offsets, torch.tensor([75, 3, 140, 0, 64]), gen)
     # augment_images: a thread block per image (shared-memory reductions: racecheck too)
-    for shape in [(40, 3, 32, 32), (5, 3, 1, 5), (7, 3, 17, 3), (0, 3, 8, 8)]:
+    # 45x45 and 5x300: each thread's (row, column) step wraps around a row; 300 > the block
+    for shape in [(40, 3, 32, 32), (3, 3, 45, 45), (2, 3, 5, 300), (5, 3, 1, 5), (7, 3, 17, 3), (0, 3, 8, 8)]:
         check_augment(f"augment {shape} uint8", torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8), gen)
         for dtype in (torch.float32, torch.float64):
             check_augment(f"augment {shape} {dtype}", torch.rand(shape, generator=gen, dtype=dtype), gen)
+            check_augment(f"augment {shape} {dtype}, parameters on the GPU", torch.rand(shape, generator=gen,
+                                                                                      dtype=dtype), gen, True)
     if not args.wide_only:
         check_all_ops("no bags", torch.empty(0), torch.zeros(1, dtype=torch.long), torch.empty(0, dtype=torch.long), gen)
         for dtype in (torch.float32, torch.float64, torch.float16):

@@ -36,8 +36,9 @@ def _augment_images_fake(images, flip, blur_sigma, jitter_order, jitter_factors)
                lambda: f"{name} must have shape {shape} (one {'value' if cols == 0 else 'row'} per image), "
                        f"got {list(t.shape)}")
         _check_dtype(op, name, t, dtypes, text)
-        if t.device != images.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but images is on {images.device}")
+        if t.device != images.device and t.device.type != "cpu":
+            raise ValueError(f"{op}: {name} is on {t.device} but images is on {images.device} "
+                             f"(the parameters may be on the images' device or on the CPU)")
     dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
     return torch.empty_like(images, dtype=dtype, memory_format=torch.contiguous_format)
 
@@ -47,19 +48,26 @@ def augment_images(images: torch.Tensor, flip: torch.Tensor, blur_sigma: torch.T
     """Augment a batch of RGB images, each with its own parameters.
 
     Args:
-        images: (B, 3, H, W) RGB, uint8 (read as value / 255, as
-            torchvision's ``to_dtype(..., scale=True)``, giving float32) or
+        images: (B, 3, H, W) RGB, uint8 (read as value / 255, giving
+            float32; torchvision's ``to_dtype(..., scale=True)`` multiplies by
+            float32(1/255), one rounding step apart at most) or
             float32/float64/float16/bfloat16 in [0, 1] (float16/bfloat16 are
             computed in float32); any memory layout.
         flip: (B,) bool; True mirrors the image's columns.
         blur_sigma: (B,) floating, finite and >= 0: a 3x3 Gaussian blur of that
-            sigma with reflect padding, 0 for none. Applied after the flip.
+            sigma with reflect padding, 0 for none. Applied after the flip. (A
+            side of one pixel, which torchvision refuses, repeats that pixel.)
         jitter_order: (B, 4) int64: the colour operations applied after the
             blur, in this order: ``BRIGHTNESS`` (0), ``CONTRAST`` (1),
             ``SATURATION`` (2), ``HUE`` (3), or ``NO_OP`` (-1); each at most once.
         jitter_factors: (B, 4) floating: brightness, contrast and saturation
             factors (finite, >= 0; 1 leaves the image as is) and the hue shift
             (in [-0.5, 0.5]), used by the operations ``jitter_order`` names.
+
+        The parameters may be on the images' device or on the CPU: for CUDA
+        images, CPU parameters are checked on the host and copied through
+        pinned memory without waiting for the stream, while parameters on the
+        GPU are copied back for the check, which waits for it.
 
     Returns:
         (B, 3, H, W) contiguous tensor on images' device, of their dtype
@@ -68,6 +76,9 @@ def augment_images(images: torch.Tensor, flip: torch.Tensor, blur_sigma: torch.T
         ``gaussian_blur(img, 3, sigma)`` and ``adjust_brightness`` /
         ``adjust_contrast`` / ``adjust_saturation`` / ``adjust_hue`` give image
         by image (hue to float32 rounding: torchvision computes it in float32).
+        Inputs outside [0, 1] are not the contract: each operation clamps its
+        result to [0, 1] as torchvision's do, except that hue also clamps where
+        torchvision's keeps the value channel.
 
     Raises:
         ValueError: a shape, dtype or device that does not match, or a value

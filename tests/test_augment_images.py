@@ -127,6 +127,28 @@ def test_random_combinations_equal_torchvision(gen, device, with_hue):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_training_dtypes_equal_torchvision(gen, device, dtype):
+    """float32 and uint8 (what training feeds it) against torchvision on the float32
+    image; uint8 is read as value / 255 (torchvision's own to_dtype multiplies by
+    float32(1/255), one rounding step apart at most)."""
+    x = torch.randint(0, 256, (40, 3, 11, 8), generator=gen, dtype=torch.uint8)
+    params = random_params(gen, x.shape[0], (BRIGHTNESS, CONTRAST, SATURATION), dtype=torch.float32)
+    images = x if dtype == torch.uint8 else x.float() / 255
+    out = augment_images(*on(device, images, *params)).cpu()
+    torch.testing.assert_close(out, reference(x.float() / 255, *params), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parameters_may_be_on_the_cpu(gen, device):
+    x = torch.rand(9, 3, 7, 7, generator=gen).to(device)
+    params = random_params(gen, 9, dtype=torch.float32)
+    torch.testing.assert_close(augment_images(x, *params), augment_images(x, *on(device, *params)), rtol=0, atol=0)
+    out = augment_images(x.to("meta"), *params)  # the fake kernel takes the same arguments
+    assert out.device.type == "meta" and out.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nothing_to_do_returns_the_images(gen, device):
     x = torch.rand(5, 3, 6, 4, generator=gen)
     params = (torch.zeros(5, dtype=torch.bool), torch.zeros(5), torch.full((5, 4), NO_OP), identity_factors(5))
@@ -143,9 +165,10 @@ def test_layouts_and_low_precision(gen, device):
     cl = x.to(memory_format=torch.channels_last)
     wide = torch.rand(12, 3, 10, 20, generator=gen)
     wide[..., ::2] = x
-    order_t = params[2].t().contiguous().t()
-    for images, order in [(cl, params[2]), (wide[..., ::2], order_t)]:
-        out = augment_images(*on(device, images, params[0], params[1], order, params[3]))
+    strided = [torch.stack((p, p), 1)[:, 0] for p in params]  # every parameter a strided view
+    assert not any(p.is_contiguous() for p in strided if p.dim() == 2)
+    for images, ps in [(cl, params), (wide[..., ::2], strided)]:
+        out = augment_images(*on(device, images, *ps))
         assert out.is_contiguous()
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
     for dtype in (torch.float16, torch.bfloat16):
@@ -163,7 +186,7 @@ def test_uint8_images_are_read_as_value_over_255(gen, device):
     torch.testing.assert_close(out, augment_images(*on(device, x.float() / 255, *params)), rtol=0, atol=0)
 
 
-def test_threads_give_the_same_images(gen):
+def test_every_image_is_augmented_whatever_the_thread_count(gen):
     x = torch.rand(300, 3, 8, 8, generator=gen)
     params = random_params(gen, 300, dtype=torch.float32)
     threads = torch.get_num_threads()
@@ -182,6 +205,20 @@ def test_empty_batches_and_images():
         out = augment_images(torch.rand(shape), torch.zeros(n, dtype=torch.bool), torch.zeros(n),
                              torch.full((n, 4), NO_OP), identity_factors(n))
         assert out.shape == shape
+
+
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_hue_of_a_pixel_with_one_nan_channel_is_nan(channel):
+    """As torchvision: a comparison with NaN is false, so the channel must not be passed over."""
+    x = torch.tensor([0.3, 0.4, 0.5]).view(1, 3, 1, 1).repeat(1, 1, 2, 2)
+    x[0, :, 0, 1] = 0.5  # g == b where r is the NaN
+    x[0, channel, 0, :] = float("nan")
+    params = (torch.tensor([False]), torch.tensor([0.0]), torch.tensor([[HUE, -1, -1, -1]]),
+              torch.tensor([[1.0, 1.0, 1.0, 0.1]]))
+    out = augment_images(x, *params)
+    ref = reference(x, *params)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0, :, 0].isnan().all()
+    torch.testing.assert_close(out[0, :, 1], ref[0, :, 1], rtol=0, atol=2e-6)
 
 
 def test_nan_pixels_stay_in_their_image(gen):
@@ -234,6 +271,11 @@ BAD_VALUES = [
     (4, torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.75]]),
      r"jitter_factors\[1, 3\] \(hue shift\) must be in \[-0.5, 0.5\], got 0.75"),
     (4, torch.tensor([[1.0, 1.0, 1.0, float("nan")], [1.0, 1.0, 1.0, 0.0]]), r"jitter_factors\[0, 3\] \(hue shift\)"),
+    # float32 images are computed in float32: a factor finite only in float64 is refused
+    (4, torch.tensor([[1.0, 1e39, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]], dtype=torch.float64),
+     r"jitter_factors\[0, 1\] \(contrast\) = 1e\+39 is beyond float32's range, the dtype these images are "
+     r"computed in"),
+    (2, torch.tensor([0.0, 1e39], dtype=torch.float64), r"blur_sigma\[1\] = 1e\+39 is beyond float32's range"),
 ]
 
 

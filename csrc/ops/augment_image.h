@@ -54,6 +54,9 @@ MLELLP_AUG_HD int64_t reflect_index(int64_t i, int64_t n) {
 // Branch-free (values chosen by ?:, no choice between computations) so that the host compiler vectorises the loop over pixels (with
 // -fno-trapping-math, which lets it compute both sides of a choice).
 template <typename T> MLELLP_AUG_HD void hue_pixel(T& r, T& g, T& b, T shift) {
+  // 0, or NaN that the result carries if any channel is NaN (the comparisons
+  // below would otherwise pass over a NaN channel, as if the pixel were grey)
+  const T nan_if_nan = (r + g + b) * T(0);
   // RGB -> HSV
   const T maxc = r > g ? (r > b ? r : b) : (g > b ? g : b);
   const T minc = r < g ? (r < b ? r : b) : (g < b ? g : b);
@@ -76,8 +79,7 @@ template <typename T> MLELLP_AUG_HD void hue_pixel(T& r, T& g, T& b, T shift) {
   // k = (n + 6 h) mod 6: Pillow's six sectors (v, p = v (1 - s), q = v (1 - s f),
   // t = v (1 - s (1 - f))) without a choice among them, so that it vectorises;
   // it differs from torchvision's sector form by rounding only.
-  const T h6 = h * T(6);                  // in [0, 6]
-  const T nan_if_nan = h - h;             // 0, or NaN that the result carries
+  const T h6 = h * T(6);  // in [0, 6]
   T out[3];
   for (int j = 0; j < 3; ++j) {
     T k = T(5 - 2 * j) + h6;

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace mlellp {
@@ -128,18 +129,25 @@ void check_augment_layout(const char* op, const at::Tensor& images, const at::Te
                       : p.kind == kLongKind ? "int64"
                                             : "float32, float64, float16 or bfloat16",
                       ", got ", dt);
-    TORCH_CHECK_VALUE(p.t.device() == images.device(), op, ": ", p.name, " is on ", p.t.device(),
-                      " but images is on ", images.device());
+    // (parameters on the CPU are checked there, and copied to the device without a sync)
+    TORCH_CHECK_VALUE(p.t.device() == images.device() || p.t.device().is_cpu(), op, ": ", p.name, " is on ",
+                      p.t.device(), " but images is on ", images.device(),
+                      " (the parameters may be on the images' device or on the CPU)");
   }
 }
 
 void check_augment_values_host(const char* op, int64_t n, const double* blur_sigma, const int64_t* jitter_order,
-                               const double* jitter_factors) {
+                               const double* jitter_factors, bool in_float32) {
   static const char* names[] = {"brightness", "contrast", "saturation", "hue"};
+  // finite in the dtype the kernel computes in, not only in float64
+  const double largest = in_float32 ? static_cast<double>(std::numeric_limits<float>::max())
+                                    : std::numeric_limits<double>::max();
+  const char* within = " is beyond float32's range, the dtype these images are computed in";
   for (int64_t i = 0; i < n; ++i) {
     const double s = blur_sigma[i];
     TORCH_CHECK_VALUE(std::isfinite(s) && s >= 0, op, ": blur_sigma[", i,
                       "] must be finite and >= 0 (0: no blur), got ", s);
+    TORCH_CHECK_VALUE(s <= largest, op, ": blur_sigma[", i, "] = ", s, within);
     const int64_t* o = jitter_order + 4 * i;
     bool seen[4] = {false, false, false, false};
     for (int k = 0; k < 4; ++k) {
@@ -153,6 +161,7 @@ void check_augment_values_host(const char* op, int64_t n, const double* blur_sig
     for (int k = 0; k < 3; ++k) {
       TORCH_CHECK_VALUE(std::isfinite(f[k]) && f[k] >= 0, op, ": jitter_factors[", i, ", ", k, "] (", names[k],
                         ") must be finite and >= 0, got ", f[k]);
+      TORCH_CHECK_VALUE(f[k] <= largest, op, ": jitter_factors[", i, ", ", k, "] (", names[k], ") = ", f[k], within);
     }
     TORCH_CHECK_VALUE(f[3] >= -0.5 && f[3] <= 0.5, op, ": jitter_factors[", i,
                       ", 3] (hue shift) must be in [-0.5, 0.5], got ", f[3]);

@@ -57,7 +57,7 @@ void check_weighted_layout(const char* op, const at::Tensor& logits, const at::T
 
 // augment_images' inputs: images (B, 3, H, W) uint8 or floating; flip (B,) bool;
 // blur_sigma (B,) floating; jitter_order (B, 4) int64; jitter_factors (B, 4)
-// floating; all on images' device. Reads no tensor data.
+// floating; the parameters on images' device, or on the CPU. Reads no tensor data.
 void check_augment_layout(const char* op, const at::Tensor& images, const at::Tensor& flip,
                           const at::Tensor& blur_sigma, const at::Tensor& jitter_order,
                           const at::Tensor& jitter_factors);
@@ -65,8 +65,9 @@ void check_augment_layout(const char* op, const at::Tensor& images, const at::Te
 // Values, from host pointers (n images): blur_sigma finite and >= 0; each row of
 // jitter_order holds -1 or operations 0..3, each at most once; brightness,
 // contrast and saturation factors finite and >= 0; hue shifts in [-0.5, 0.5].
+// in_float32: the kernel computes in float32, so values must also be finite there.
 void check_augment_values_host(const char* op, int64_t n, const double* blur_sigma, const int64_t* jitter_order,
-                               const double* jitter_factors);
+                               const double* jitter_factors, bool in_float32);
 
 // float for float16/bfloat16, else the dtype itself (float32/float64).
 at::ScalarType compute_dtype(at::ScalarType dtype);

@@ -49,5 +49,6 @@ class BatchAugment:
         flip, blur, jitter = u[:, 0] < FLIP_P, u[:, 1] < BLUR_P, u[:, 2] < JITTER_P
         sigma = torch.where(blur, sigma, 0.0)
         order = torch.where(jitter.unsqueeze(1), order, NO_OP)
-        params = (flip, sigma, order, torch.cat((factors, hue.unsqueeze(1)), 1))
-        return augment_images(x, *(p.to(x.device, non_blocking=True) for p in params))
+        # The parameters stay on the CPU: the op checks them there and copies them to
+        # the device without waiting for the stream.
+        return augment_images(x, flip, sigma, order, torch.cat((factors, hue.unsqueeze(1)), 1))

@@ -3,11 +3,15 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <barrier>
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
+#include "augment_image.h"
 #include "bag_recursion.h"
 
 namespace {
@@ -157,9 +161,92 @@ void test_weighted_against_enumeration() {
   }
 }
 
+// augment_image.h as the GPU runs it: a team of threads striding over pixels
+// and reducing through shared memory (here std::threads with a barrier),
+// against the one-thread path of the CPU kernel: loading (flip, blur) must
+// agree bit for bit, the contrast mean (summed in another order) to rounding.
+struct ThreadTeam {
+  std::barrier<>* bar;
+  std::vector<double>* shared;
+  int members, me;
+  int rank() const { return me; }
+  int size() const { return members; }
+  void sync() const { bar->arrive_and_wait(); }
+  template <typename T, typename Op>
+  void reduce(T* values, int count, Op op) const {
+    for (int j = 0; j < count; ++j) (*shared)[j * members + me] = static_cast<double>(values[j]);
+    sync();
+    for (int j = 0; j < count; ++j) {
+      double acc = (*shared)[j * members];
+      for (int t = 1; t < members; ++t) acc = op(j, acc, (*shared)[j * members + t]);
+      values[j] = static_cast<T>(acc);
+    }
+    sync();  // the buffer is reused by the next reduction
+  }
+};
+
+template <typename T, typename S>
+void augment_team_case(std::mt19937& rng, int64_t h, int64_t w, int members, bool flip, double sigma,
+                       const int64_t* order, bool exact) {
+  const int64_t size = 3 * h * w;
+  std::vector<S> src(size);
+  std::uniform_real_distribution<double> unit(0, 1);
+  for (auto& v : src) {
+    if constexpr (std::is_same_v<S, uint8_t>) {
+      v = static_cast<uint8_t>(rng() % 256);
+    } else {
+      v = static_cast<S>(unit(rng));
+    }
+  }
+  const T factors[4] = {T(1.1), T(0.9), T(1.2), T(0.13)};
+  std::vector<T> solo(size, T(-7)), team(size, T(-7));
+  mlellp::detail::augment_image(mlellp::detail::SoloTeam{}, src.data(), solo.data(), h, w, flip, T(sigma), order,
+                                factors);
+  std::barrier<> bar(members);
+  std::vector<double> shared(members);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < members; ++r) {
+    threads.emplace_back([&, r] {
+      mlellp::detail::augment_image(ThreadTeam{&bar, &shared, members, r}, src.data(), team.data(), h, w, flip,
+                                    T(sigma), order, factors);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int64_t i = 0; i < size; ++i) {
+    const double d = std::fabs(static_cast<double>(solo[i]) - static_cast<double>(team[i]));
+    if (!(exact ? d == 0 : d <= 1e-5)) {
+      std::printf("FAIL augment team (h %ld, w %ld, %d threads, flip %d, sigma %g) pixel %ld: %g vs %g\n",
+                  static_cast<long>(h), static_cast<long>(w), members, flip, sigma, static_cast<long>(i),
+                  static_cast<double>(solo[i]), static_cast<double>(team[i]));
+      ++failures;
+      return;
+    }
+  }
+}
+
+void test_augment_teams() {
+  std::mt19937 rng(7);
+  const int64_t no_contrast[4] = {3, 0, 2, -1};  // hue, brightness, saturation: no reduction
+  const int64_t all_ops[4] = {1, 3, 0, 2};       // contrast first: its mean is a reduction
+  for (int64_t h : {1, 2, 3, 17, 33}) {
+    for (int64_t w : {1, 2, 5, 33, 300}) {
+      for (int members : {3, 8, 64}) {
+        for (int flip = 0; flip < 2; ++flip) {
+          for (double sigma : {0.0, 0.7}) {
+            augment_team_case<float, float>(rng, h, w, members, flip, sigma, no_contrast, true);
+            augment_team_case<float, uint8_t>(rng, h, w, members, flip, sigma, no_contrast, true);
+            augment_team_case<double, double>(rng, h, w, members, flip, sigma, all_ops, false);
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_augment_teams();
   test_weighted_against_enumeration();
   test_header_against_enumeration();
   test_phi_jvp_against_enumeration();

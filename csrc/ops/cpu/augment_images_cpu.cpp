@@ -66,14 +66,14 @@ at::Tensor augment_images_cpu(const at::Tensor& images, const at::Tensor& flip, 
   const char* op = "augment_images";
   check_augment_layout(op, images, flip, blur_sigma, jitter_order, jitter_factors);
   const int64_t n = images.size(0), h = images.size(2), w = images.size(3);
+  // uint8 images are read as they are (divided by 255 in the kernel) into float32
+  const bool bytes = images.scalar_type() == at::kByte;
+  const auto dtype = bytes ? at::kFloat : compute_dtype(images.scalar_type());
   const auto sigma64 = blur_sigma.to(at::kDouble).contiguous();
   const auto order = jitter_order.contiguous();
   const auto factors64 = jitter_factors.to(at::kDouble).contiguous();
   check_augment_values_host(op, n, sigma64.data_ptr<double>(), order.data_ptr<int64_t>(),
-                            factors64.data_ptr<double>());
-  // uint8 images are read as they are (divided by 255 in the kernel) into float32
-  const bool bytes = images.scalar_type() == at::kByte;
-  const auto dtype = bytes ? at::kFloat : compute_dtype(images.scalar_type());
+                            factors64.data_ptr<double>(), dtype == at::kFloat);
   const auto x = bytes ? images.contiguous() : images.to(dtype).contiguous();
   auto out = at::empty(x.sizes(), x.options().dtype(dtype));
   if (n == 0 || h * w == 0) return bytes ? out : out.to(images.scalar_type());

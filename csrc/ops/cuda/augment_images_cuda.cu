@@ -1,6 +1,6 @@
 // CUDA kernel of augment_images: one thread block per image (BlockTeam), the
 // arithmetic in augment_image.h (what the CPU kernel runs). The per-image
-// parameters come to the host once, for the value checks.
+// parameters are checked on the host (see below).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -39,23 +39,30 @@ at::Tensor augment_images_cuda(const at::Tensor& images, const at::Tensor& flip,
                     images.size(0));
   c10::cuda::CUDAGuard guard(images.device());
   const int64_t n = images.size(0), h = images.size(2), w = images.size(3);
-  const auto order = jitter_order.contiguous();
-  {
-    const auto sigma64 = blur_sigma.to(at::kDouble).cpu();
-    const auto order_h = order.cpu();
-    const auto factors64 = jitter_factors.to(at::kDouble).contiguous().cpu();
-    check_augment_values_host(op, n, sigma64.data_ptr<double>(), order_h.data_ptr<int64_t>(),
-                              factors64.data_ptr<double>());
-  }
   // uint8 images are read as they are (divided by 255 in the kernel) into float32
   const bool bytes = images.scalar_type() == at::kByte;
   const auto dtype = bytes ? at::kFloat : compute_dtype(images.scalar_type());
+  // The values are checked on the host: parameters given on the CPU are checked
+  // there and then copied to the device through pinned memory, without waiting
+  // for the stream; parameters on the device cost a copy back, which waits.
+  {
+    const auto sigma64 = blur_sigma.to(at::kDouble).cpu();
+    const auto order_h = jitter_order.contiguous().cpu();
+    const auto factors64 = jitter_factors.to(at::kDouble).contiguous().cpu();
+    check_augment_values_host(op, n, sigma64.data_ptr<double>(), order_h.data_ptr<int64_t>(),
+                              factors64.data_ptr<double>(), dtype == at::kFloat);
+  }
+  auto on_device = [&](const at::Tensor& t, at::ScalarType type) {
+    const auto c = t.to(type).contiguous();
+    return c.is_cuda() ? c : c.pin_memory().to(images.device(), /*non_blocking=*/true);
+  };
   const auto x = bytes ? images.contiguous() : images.to(dtype).contiguous();
   auto out = at::empty(x.sizes(), x.options().dtype(dtype));
   if (n == 0 || h * w == 0) return bytes ? out : out.to(images.scalar_type());
-  const auto flip_c = flip.contiguous();
-  const auto sigma = blur_sigma.to(dtype).contiguous();
-  const auto factors = jitter_factors.to(dtype).contiguous();
+  const auto flip_c = on_device(flip, at::kBool);
+  const auto order = on_device(jitter_order, at::kLong);
+  const auto sigma = on_device(blur_sigma, dtype);
+  const auto factors = on_device(jitter_factors, dtype);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](const auto* src, auto* dst) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
