@@ -9,7 +9,8 @@
 #      allocator, so that every allocation has its exact bounds);
 #   4. the GPU benchmark (bench/gpu_bench.py), then candidate small-bag kernels
 #      against the shipped one (bench/cuda_variants.py; docs/gpu.md), then the
-#      epoch time of the seed's CIFAR protocol (bench/epoch_time.py, bf16);
+#      input pipeline (bench/augment.py) and the epoch time of the seed's CIFAR
+#      protocol (bench/epoch_time.py, bf16);
 #   5. the rest of the test suite (training and the CLI then run on the GPU).
 # Results: gpu_check_<device>.log, gpu_<device>.{json,md} and
 # cuda_variants_<device>.json under bench/results
@@ -101,6 +102,7 @@ step 180 $SAN --tool racecheck $PY bench/sanitizer_cases.py --wide-only
 step 180 $SAN --tool synccheck $PY bench/sanitizer_cases.py --wide-only
 step 300 $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"
 step 180 $PY bench/cuda_variants.py --out "$OUT/cuda_variants_${DEVICE}.json"
+step 120 $PY bench/augment.py --device cuda --out "$OUT"
 step 420 $PY bench/epoch_time.py --device cuda --amp bf16 --epochs 3 --methods mle,supervised,dllp --out "$OUT"
 # (the variants were just built and run: their compile test is for machines without a GPU)
 step 240 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST_ALL -k "not cuda" tests \
