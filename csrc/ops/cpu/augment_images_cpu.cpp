@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-
 #include "../augment_image.h"
 #include "../checks.h"
 
