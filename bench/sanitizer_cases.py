@@ -88,14 +88,20 @@ def multiclass_bags(gen, num_bags, num_classes, dtype):
     return logits.to(dtype), offsets_from_sizes(sizes), counts
 
 
-def check_multiclass(label, logits, offsets, counts):
-    tol = 1e-10 if logits.dtype == torch.float64 else 2e-4
-    phi_c, ll_c = torch.ops.mlellp.posterior_multiclass(logits, offsets, counts)
+def compare_phi_and_log_lik(label, name, *args):
+    """torch.ops.mlellp.<name>(*args) on the GPU against the CPU: (phi, log_likelihood)."""
+    op = getattr(torch.ops.mlellp, name)
+    tol = 1e-10 if args[0].dtype == torch.float64 else 2e-4
+    phi_c, ll_c = op(*args)
     poison_cache(phi_c, ll_c)
-    phi_g, ll_g = torch.ops.mlellp.posterior_multiclass(logits.cuda(), offsets.cuda(), counts.cuda())
-    same(f"{label} posterior_multiclass phi", phi_g, phi_c, tol)
-    same(f"{label} posterior_multiclass log_lik", ll_g, ll_c, tol)
+    phi_g, ll_g = op(*(a.cuda() for a in args))
+    same(f"{label} {name} phi", phi_g, phi_c, tol)
+    same(f"{label} {name} log_lik", ll_g, ll_c, tol)
     torch.cuda.synchronize()
+
+
+def check_multiclass(label, logits, offsets, counts):
+    compare_phi_and_log_lik(label, "posterior_multiclass", logits, offsets, counts)
 
 
 def check_rejected():
@@ -137,18 +143,12 @@ def check_rejected():
 
 def check_weighted(label, logits, offsets, gen):
     """posterior_weighted with random log-weights (some -inf, one bag all -inf, one NaN)."""
-    tol = 1e-10 if logits.dtype == torch.float64 else 2e-4
     n_w = logits.numel() + offsets.numel() - 1
     logw = torch.randn(n_w, generator=gen, dtype=torch.float64)
     logw[torch.rand(n_w, generator=gen) < 0.3] = float("-inf")
     if n_w > 3:
         logw[1] = float("nan")
-    phi_c, ll_c = torch.ops.mlellp.posterior_weighted(logits, offsets, logw)
-    poison_cache(phi_c, ll_c)
-    phi_g, ll_g = torch.ops.mlellp.posterior_weighted(logits.cuda(), offsets.cuda(), logw.cuda())
-    same(f"{label} posterior_weighted phi", phi_g, phi_c, tol)
-    same(f"{label} posterior_weighted log_lik", ll_g, ll_c, tol)
-    torch.cuda.synchronize()
+    compare_phi_and_log_lik(label, "posterior_weighted", logits, offsets, logw)
 
 
 def check_augment(label, images, gen, params_on_gpu=False):
