@@ -148,6 +148,19 @@ template <typename T> MLELLP_HD T min_normal();
 template <> MLELLP_HD float min_normal<float>() { return 1.17549435e-38f; }
 template <> MLELLP_HD double min_normal<double>() { return 2.2250738585072014e-308; }
 
+// Smallest maximum of a freshly computed row, relative to the row it came from
+// (whose maximum is in [0.5, 1]), that ScaledArith accepts. A row's maximum
+// falls far only where the band forces a tiny p_i or q_i (y = n with z_i = -900,
+// say). Its entries are sums of products c * x that may underflow, each with
+// an absolute error of up to u * min_normal; at or above this floor that is
+// below tiny_value relative to the row (so the flushing bound covers it), and
+// the overlap test's den = sum_k a(k) g(k), a product of two such rows, keeps
+// a relative error below u / n instead of underflowing to 0 (which made 0 / 0).
+// floor >= 2 u min_normal / tiny: 4.9e-34 (double), 1.4e-15 (float).
+template <typename T> MLELLP_HD T row_floor();
+template <> MLELLP_HD float row_floor<float>() { return 1.0e-14f; }
+template <> MLELLP_HD double row_floor<double>() { return 1.0e-32; }
+
 // Rescale row[0..len) by a power of two so its maximum is in [0.5, 1), for
 // log_pmf, whose every entry must keep full relative precision. Returns false
 // if the maximum is zero, subnormal or not finite, or if an entry ends below
@@ -182,6 +195,8 @@ MLELLP_HD bool normalize_row(T* row, int64_t len, T row_max, int64_t* exponent) 
 // Each overlap is the `den` of one backward step, so the path checks
 // overlap_j >= overlap_floor = 2 n W tiny / eps and reports failure (the bag
 // then takes LogArith) otherwise. Typical bags pass with a wide margin.
+// Underflow within a row is kept below tiny as well: a row whose maximum falls
+// under row_floor (see there) fails too.
 template <typename T> MLELLP_HD T unit_roundoff();
 template <> MLELLP_HD float unit_roundoff<float>() { return 5.9604645e-8f; }
 template <> MLELLP_HD double unit_roundoff<double>() { return 1.1102230246251565e-16; }
@@ -205,7 +220,7 @@ struct ScaledArith {
   // strided entries; all reach the same verdict and exponent.
   template <typename Team>
   MLELLP_HD bool normalize(const Team& team, T* row, int64_t len, T row_max, bool backward) {
-    if (!(row_max >= min_normal<T>()) || is_inf(row_max)) return false;
+    if (!(row_max >= row_floor<T>()) || is_inf(row_max)) return false;
     int e;
     T scale;
     pow2_normalizer(row_max, &e, &scale);
@@ -446,7 +461,7 @@ struct alignas(sizeof(T) * L) LaneWorkspace {
 };
 
 // ScaledArith::normalize on a row of len vectors: pow2_normalizer per lane by
-// bit operations; lanes whose maximum is not a positive normal number fail.
+// bit operations; lanes whose maximum is below row_floor or infinite fail.
 template <typename T, int L>
 __attribute__((always_inline)) inline void normalize_lanes(typename LaneTypes<T, L>::V* row, int64_t len,
                                                            const typename LaneTypes<T, L>::V& row_max,
@@ -455,7 +470,7 @@ __attribute__((always_inline)) inline void normalize_lanes(typename LaneTypes<T,
   using V = typename LaneTypes<T, L>::V;
   using U = typename LaneTypes<T, L>::U;
   using B = LaneBits<T>;
-  *ok &= (U)(row_max >= min_normal<T>()) & (U)(row_max != inf_value<T>());
+  *ok &= (U)(row_max >= row_floor<T>()) & (U)(row_max != inf_value<T>());
   const U e = ((U)row_max >> B::kMantissa) & B::kMask;  // biased exponent; e - (bias - 1) unbiased
   const V scale = (V)(((U{} + (2 * B::kBias - 1)) - e) << B::kMantissa);
   if (exponent != nullptr) {
