@@ -261,6 +261,15 @@ static std::string row_text(const int64_t* row, int64_t num_classes) {
   return text + "]";
 }
 
+void raise_workspace_unavailable(const char* op, int64_t bag, const int64_t* counts_row, int64_t num_classes,
+                                 int64_t states, int64_t bytes, const std::string& device, const char* reason) {
+  TORCH_CHECK_WITH(OutOfMemoryError, false, op, ": bag ", bag, " with counts ", row_text(counts_row, num_classes),
+                   " has ", states, " count-vector states and needs ", bytes, " bytes (",
+                   static_cast<double>(bytes) / (1 << 30), " GiB) of workspace, which could not be allocated on ",
+                   device, " (", reason, "); lower max_states so that such bags are refused up front, or use "
+                   "the approximate E-step (mlellp_ext.posterior_multiclass_approx) for them");
+}
+
 void check_multiclass_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,
                                   const int64_t* counts, int64_t num_classes, int64_t max_states) {
   check_bag_values_host(op, offsets, num_bags, num_instances, nullptr);

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <vector>
 
 namespace mlellp {
@@ -49,6 +50,12 @@ void check_multiclass_layout(const char* op, const at::Tensor& logits, const at:
 // state count).
 void check_multiclass_values_host(const char* op, const int64_t* offsets, int64_t num_bags, int64_t num_instances,
                                   const int64_t* counts, int64_t num_classes, int64_t max_states);
+
+// A bag's posterior_multiclass workspace could not be allocated: raises
+// torch.OutOfMemoryError naming the bag, its counts, states and bytes.
+[[noreturn]] void raise_workspace_unavailable(const char* op, int64_t bag, const int64_t* counts_row,
+                                              int64_t num_classes, int64_t states, int64_t bytes,
+                                              const std::string& device, const char* reason);
 
 // posterior_weighted's inputs: check_bag_layout of (logits, offsets), then
 // count_log_weights 1-D floating of length N + B on logits' device. Reads no tensor data.

@@ -261,6 +261,20 @@ MLELLP_MC_HD T bag_log(const T* logp, int64_t n, int64_t C, const Lattice& L, T*
   return total;
 }
 
+// phi_ic = num_ic / P(y) with sum_c num_ic = P(y) exactly: dividing each row by
+// its own sum instead is the same value, and rows then sum to 1 to rounding and
+// no entry exceeds 1 (in log space each num_ic carries a relative error of about
+// eps |log P(y)|, which the shared P(y) would pass on to the row sums).
+template <typename T>
+MLELLP_MC_HD void rows_to_one(T* phi, int64_t n, int64_t C) {
+  for (int64_t i = 0; i < n; ++i) {
+    double sum = 0;
+    for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(phi[i * C + c]);
+    if (!(sum > 0)) continue;  // not reached for a possible bag; left as computed
+    for (int64_t c = 0; c < C; ++c) phi[i * C + c] = static_cast<T>(static_cast<double>(phi[i * C + c]) / sum);
+  }
+}
+
 // Workspace of one bag, in bytes: logp (n x C of T), p and phi in double (n x C
 // each), and two tables of S doubles (which also hold the log path's T tables).
 template <typename T>
@@ -289,6 +303,7 @@ MLELLP_MC_HD T posterior_bag(const In* z, int64_t n, int64_t C, const Lattice& L
       phid[t] = 0;
     }
     const double ll = bag_plain(p, n, C, L, tables, tables + L.states, phid);
+    rows_to_one(phid, n, C);
     for (int64_t t = 0; t < n * C; ++t) phi[t] = static_cast<T>(phid[t]);
     return static_cast<T>(ll);
   }
@@ -298,6 +313,8 @@ MLELLP_MC_HD T posterior_bag(const In* z, int64_t n, int64_t C, const Lattice& L
   const T ll = bag_log<T>(logp, n, C, L, alpha, beta, phi);
   if (ll == -mc_inf<T>()) {
     for (int64_t t = 0; t < n * C; ++t) phi[t] = mc_nan<T>();
+  } else {
+    rows_to_one(phi, n, C);
   }
   return ll;
 }

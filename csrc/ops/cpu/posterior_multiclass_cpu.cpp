@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <new>
 #include <tuple>
 #include <vector>
 
@@ -45,7 +46,14 @@ std::tuple<at::Tensor, at::Tensor> posterior_multiclass_cpu(const at::Tensor& lo
           multiclass::make_lattice(cnt_ptr + b * num_classes, num_classes, max_states, &lattice);  // checked above
           const int64_t bytes = multiclass::workspace_bytes<T>(n, num_classes, lattice.states);
           const size_t doubles = static_cast<size_t>((bytes + sizeof(double) - 1) / sizeof(double));
-          if (work.size() < doubles) work.resize(doubles);
+          if (work.size() < doubles) {
+            try {
+              work.resize(doubles);
+            } catch (const std::bad_alloc&) {
+              raise_workspace_unavailable(op, b, cnt_ptr + b * num_classes, num_classes, lattice.states, bytes,
+                                          "the CPU", "std::bad_alloc");
+            }
+          }
           ll_ptr[b] = multiclass::posterior_bag<T>(z_ptr + start * num_classes, n, num_classes, lattice,
                                                    reinterpret_cast<unsigned char*>(work.data()),
                                                    phi_ptr + start * num_classes);

@@ -78,7 +78,17 @@ std::tuple<at::Tensor, at::Tensor> posterior_multiclass_cuda(const at::Tensor& l
         work_off.push_back(total);
         total += bytes[last++];
       }
-      auto work = at::empty({total}, logits.options().dtype(at::kByte));
+      at::Tensor work;
+      try {
+        work = at::empty({total}, logits.options().dtype(at::kByte));
+      } catch (const c10::OutOfMemoryError& e) {
+        int64_t big = first;  // the chunk's largest bag names the failure
+        for (int64_t b = first; b < last; ++b) big = bytes[b] > bytes[big] ? b : big;
+        multiclass::Lattice lattice;
+        multiclass::make_lattice(cnt_h + big * num_classes, num_classes, max_states, &lattice);
+        raise_workspace_unavailable(op, big, cnt_h + big * num_classes, num_classes, lattice.states, bytes[big],
+                                    logits.device().str(), e.what_without_backtrace());
+      }
       auto work_off_dev = at::tensor(work_off, off.options().device(at::kCPU)).to(logits.device());
       const int64_t count = last - first;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mlellp_posterior_multiclass_in", [&] {
