@@ -10,8 +10,10 @@ costs O(C * n * y) instead:
    of softmax_c, ``z_ic - logsumexp_{d != c} z_id``): a matrix (n, C) whose
    column c sums to y_c exactly but whose rows need not sum to 1.
 2. Iterative proportional fitting (Sinkhorn) of that matrix to rows summing to
-   1 and columns summing to y: alternately divide each row by its sum and scale
-   each column to y_c, until both hold within ``tol``.
+   1 and columns summing to y: alternately scale each column to y_c and divide
+   each row by its sum, bag by bag, until a bag's columns hold within ``tol``.
+   Every step ends on the rows, so rows sum to 1 and phi stays in [0, 1] even
+   where the columns have not converged.
 
 For C = 2 step 1 already gives the exact posterior. Its error against the exact
 op is measured in ``bench/multiclass.py`` (docs/multiclass.md).
@@ -37,9 +39,12 @@ def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, cou
         tol: stop when every column of every bag sums to its count within ``tol``.
 
     Returns:
-        phi: (N, C) in the dtype of logits, rows summing to 1, column c of bag b
-            summing to ``counts[b, c]`` within ``tol`` (after convergence), 0 where
-            ``counts[b, c] = 0``. Not differentiable.
+        phi: (N, C) in the dtype of logits, in [0, 1], rows summing to 1 (to the
+            dtype's rounding), 0 where ``counts[b, c] = 0``; column c of bag b sums to
+            ``counts[b, c]`` within ``tol`` once the bag converged. Each bag is fitted
+            on its own; one still off after ``max_iterations`` (confident logits
+            that disagree with the counts converge slowly) keeps its rows summing
+            to 1 and its columns as far as the fitting got. Not differentiable.
         log_likelihood: (B,) the composite log-likelihood
             ``sum_c log P(S_bc = counts[b, c])`` of the per-class counts, each
             exact, treated as independent. It is not ``log P(counts[b])`` (for C = 2
@@ -77,6 +82,9 @@ def _approx(logits, offsets, counts, max_iterations, tol):
     if bool(has_posinf.any()):
         lp = _log_softmax_exact(z)
         u = torch.where(has_posinf, lp - _log1mexp(lp), u)
+    # A NaN anywhere in a row makes its bag NaN, as in the exact op (the +inf
+    # reading above would otherwise pass over a NaN beside a +inf).
+    u = u.masked_fill(z.isnan().any(1, keepdim=True), float("nan"))
     # All classes in one call: class c's bags are the bags again, shifted by c * N.
     shift = (torch.arange(C, device=offsets.device) * N).repeat_interleave(B)
     tiled = torch.cat([offsets[:-1].repeat(C) + shift, offsets.new_tensor([C * N])])
@@ -85,22 +93,33 @@ def _approx(logits, offsets, counts, max_iterations, tol):
     log_lik = ll_c.view(C, B).sum(0)
     bag = bag_index(offsets, N)
     target = counts.to(dtype)
+    bad = ~torch.isfinite(log_lik)  # NaN or impossible: phi NaN below, left out of the fitting
+    phi = phi.masked_fill(bad[bag].unsqueeze(1), 0.0)
     # A row whose posteriors all underflowed to 0 (a confident prediction its bag's
     # counts rule out) restarts uniform over the bag's classes.
     active = (counts > 0)[bag].to(dtype)
     empty = phi.sum(1) == 0
     phi = torch.where(empty.unsqueeze(1), active, phi)
+    phi = _rows_to_one(phi)
+    # Each bag is fitted until its own columns hold: a bag's result never depends on
+    # another bag (a NaN or a slow bag elsewhere would otherwise add iterations).
+    # Every step ends on the rows, so rows sum to 1 and phi lies in [0, 1] whether or
+    # not the columns converged.
     for _ in range(max_iterations):
-        phi = phi / phi.sum(1, keepdim=True)
         sums = torch.zeros(B, C, dtype=dtype, device=z.device).index_add_(0, bag, phi)
-        if bool(((sums - target).abs() <= tol).all()):
+        moving = ~(((sums - target).abs() <= tol).all(1) | bad)
+        if not bool(moving.any()):
             break
         scale = torch.where(target > 0, target / sums, torch.zeros_like(sums))
-        phi = phi * scale[bag]
-    bad = ~torch.isfinite(log_lik)
-    if bool(bad.any()):
-        phi[bad[bag]] = float("nan")
+        rows = moving[bag].unsqueeze(1)
+        phi = torch.where(rows, _rows_to_one(phi * scale[bag]), phi)
+    phi = phi.masked_fill(bad[bag].unsqueeze(1), float("nan"))
     return phi.to(logits.dtype), log_lik.to(_compute_dtype(logits.dtype))
+
+
+def _rows_to_one(phi):
+    """Each row divided by its sum (rows are never all 0 here: see _approx)."""
+    return phi / phi.sum(1, keepdim=True)
 
 
 def lattice_states(counts: torch.Tensor) -> torch.Tensor:
