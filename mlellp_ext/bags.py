@@ -149,3 +149,22 @@ def check_count_vectors(op: str, num_instances: int, offsets: torch.Tensor, coun
     raise ValueError(f"{op}: bag {b} with counts {text} has {states:g} count-vector states (prod(counts + 1)), "
                      f"over max_states = {max_states}; raise max_states if its tables (16 bytes per state) fit in "
                      f"memory, or use the approximate E-step (mlellp_ext.posterior_multiclass_approx) for such bags")
+
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(op: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def reduce_over_bags(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-bag values (B,) reduced as ``reduction`` says. ``'mean'`` divides the sum by
+    max(B, 1): over zero bags it is 0 with a zero gradient (the empty sum), not the
+    NaN of ``Tensor.mean``, so an empty minibatch cannot poison a training step."""
+    if reduction == "mean":
+        return values.sum() / max(values.shape[0], 1)
+    if reduction == "sum":
+        return values.sum()
+    return values

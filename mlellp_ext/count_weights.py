@@ -107,8 +107,8 @@ def laplace(observed, scale, sizes) -> torch.Tensor:
     o = _per_bag(observed, sizes, "observed", "laplace")
     s = _positive(_per_bag(scale, sizes, "scale", "laplace"), "scale", "laplace")
     k, bag = _grid(sizes)
-    a = torch.exp(-1.0 / s)
-    log_norm = torch.log1p(-a) - torch.log1p(a)
+    # log(1 - a) as log(-expm1(-1/s)): 1 - a rounds to 0 for scales past ~1e16.
+    log_norm = torch.log(-torch.expm1(-1.0 / s)) - torch.log1p(torch.exp(-1.0 / s))
     return log_norm[bag] - (o[bag] - k.double()).abs() / s[bag]
 
 
@@ -119,7 +119,8 @@ def gaussian(observed, sigma, sizes) -> torch.Tensor:
     o = _per_bag(observed, sizes, "observed", "gaussian")
     sd = _positive(_per_bag(sigma, sizes, "sigma", "gaussian"), "sigma", "gaussian")
     k, bag = _grid(sizes)
-    return -((o[bag] - k.double()) ** 2) / (2 * sd[bag] ** 2) - torch.log(sd[bag] * math.sqrt(2 * math.pi))
+    # Divide before squaring: sigma^2 underflows to 0 below ~1e-154 (0 / 0 at k = o).
+    return -0.5 * ((o[bag] - k.double()) / sd[bag]) ** 2 - torch.log(sd[bag]) - 0.5 * math.log(2 * math.pi)
 
 
 def randomized_response(observed, keep, sizes) -> torch.Tensor:

@@ -172,7 +172,11 @@ class EMTargets:
                 f"iterations={self.iterations}, log_likelihood={self.log_likelihood}, converged={self.converged})")
 
     def targets(self, positions) -> torch.Tensor:
-        """The targets ``phi[positions]`` (float32, on phi's device) of these instance positions."""
+        """The targets ``phi[positions]`` (float32, on phi's device) of these instance positions.
+
+        ``positions``: integers in ``[0, N)`` (negative ones are not read from the end).
+        Raises ``IndexError`` naming the first position out of range, ``ValueError``
+        for non-integer positions."""
         positions = torch.as_tensor(positions)
         if positions.is_floating_point() or positions.dtype == torch.bool:
             raise ValueError(f"EMTargets.targets: positions must be integers, got dtype {positions.dtype}")

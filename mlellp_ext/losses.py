@@ -7,11 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .bags import bag_index, check_bag_values, check_count_vectors, split_nested
+from .bags import bag_index, check_bag_values, check_count_vectors, check_reduction, reduce_over_bags, split_nested
 from .ops import _check_layout_fake, _check_multiclass_layout_fake
-
-_REDUCTIONS = ("none", "mean", "sum")
-
 
 def _bag_logsumexp(values: torch.Tensor, bag: torch.Tensor, num_bags: int) -> torch.Tensor:
     """log sum_{i in b} exp(values[i]) per bag (-inf for an empty bag), differentiable;
@@ -38,7 +35,8 @@ def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> tor
         logits, offsets, counts: as in :func:`mlellp_ext.posterior` (a jagged nested
             tensor of logits too); bad ones raise the same ``ValueError``.
         reduction: ``'mean'`` over all B bags (default; empty bags count 0, as in
-            ``bag_log_likelihood``), ``'sum'`` or ``'none'`` (shape (B,)).
+            ``bag_log_likelihood``; over zero bags it is 0, the empty sum, with a
+            zero gradient), ``'sum'`` or ``'none'`` (shape (B,)).
 
     Multi-class bags: (N, C) logits with (B, C) count vectors give DLLP's original
     loss, the cross-entropy between the bag's proportion vector and its mean softmax,
@@ -48,10 +46,9 @@ def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> tor
         >>> z = torch.randn(5, requires_grad=True)
         >>> dllp_loss(z, offsets_from_sizes([3, 2]), torch.tensor([1, 2])).backward()
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"dllp_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_reduction("dllp_loss", reduction)
     if isinstance(logits, torch.Tensor) and not logits.is_nested and logits.dim() == 2:
-        return _reduce(_dllp_multiclass(logits, offsets, counts), reduction)
+        return reduce_over_bags(_dllp_multiclass(logits, offsets, counts), reduction)
     logits, offsets, counts, _ = split_nested(logits, offsets, counts, "dllp_loss")
     for name, t in (("logits", logits), ("offsets", offsets), ("counts", counts)):
         if t is None:
@@ -69,15 +66,7 @@ def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> tor
     # 0 * log 0 = 0: a term whose proportion is 0 drops out (also for q = 0 or 1 exactly).
     loss = -(torch.where(p > 0, p * log_q, 0.0) + torch.where(p < 1, (1 - p) * log_1mq, 0.0))
     loss = torch.where(sizes > 0, loss, torch.zeros_like(loss))
-    return _reduce(loss, reduction)
-
-
-def _reduce(loss, reduction):
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return reduce_over_bags(loss, reduction)
 
 
 def _dllp_multiclass(logits, offsets, counts):

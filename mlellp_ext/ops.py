@@ -8,11 +8,12 @@ rules, and holds the Python API, which also serves torch.func transforms.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from .bags import bag_index, split_nested
+from .bags import bag_index, check_reduction, reduce_over_bags, split_nested
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # posterior_multiclass's default state budget per bag (the schema's default): 2^24
@@ -128,7 +129,14 @@ def _check_multiclass_layout_fake(op, logits, offsets, counts, max_states):
     _check(op, counts.shape[1] == logits.shape[1],
            lambda: f"counts must have one column per class of logits ({logits.shape[1]}), got shape {list(counts.shape)}")
     _check_device(op, "counts", counts, logits)
-    _check(op, 1 <= max_states <= MAX_STATES_LIMIT,
+    _check_max_states(op, max_states)
+
+
+def _check_max_states(op, max_states):
+    # A float (1.5) would pass the range test and be truncated by int() on its way to the op.
+    _check(op, isinstance(max_states, (numbers.Integral, torch.SymInt)) and not isinstance(max_states, bool),
+           lambda: f"max_states must be an integer, got {max_states!r}")
+    _check(op, bool(1 <= max_states <= MAX_STATES_LIMIT),
            lambda: f"max_states must be between 1 and 2^40 = {MAX_STATES_LIMIT}, got {max_states}")
 
 
@@ -819,6 +827,7 @@ def posterior_multiclass(logits, offsets, counts, *, max_states: int = DEFAULT_M
     for name, t in (("logits", logits), ("offsets", offsets), ("counts", counts)):
         if getattr(t, "is_nested", False):
             raise ValueError(f"posterior_multiclass: {name} must be a plain tensor, got a nested tensor")
+    _check_max_states("posterior_multiclass", max_states)
     return _apply(_PosteriorMulticlassFn, torch.ops.mlellp.posterior_multiclass, logits, offsets, counts,
                   int(max_states))
 
@@ -899,9 +908,6 @@ def posterior_weighted(logits, offsets, count_log_weights):
     return _apply(_PosteriorWeightedFn, torch.ops.mlellp.posterior_weighted, logits, offsets, count_log_weights)
 
 
-_REDUCTIONS = ("none", "mean", "sum")
-
-
 def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean", *,
                        max_states: int = DEFAULT_MAX_STATES):
     """Differentiable log-likelihood ``log P(S_b = counts[b])`` of observed bag counts.
@@ -913,7 +919,8 @@ def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean
         logits, offsets, counts: as in :func:`posterior` (nested logits too;
             (N, C) logits with (B, C) counts for multi-class bags).
         reduction: ``'none'`` (per bag, shape (B,)), ``'mean'`` over bags
-            (default) or ``'sum'``.
+            (default; over zero bags it is 0, the empty sum, with a zero gradient)
+            or ``'sum'``.
         max_states: multi-class bags only, :func:`posterior_multiclass`'s state budget.
 
     Example:
@@ -921,11 +928,6 @@ def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean
         >>> loss = -bag_log_likelihood(z, offsets_from_sizes([3, 2]), torch.tensor([1, 2]))
         >>> loss.backward()
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"bag_log_likelihood: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_reduction("bag_log_likelihood", reduction)
     _, log_lik = posterior(logits, offsets, counts, max_states=max_states)
-    if reduction == "mean":
-        return log_lik.mean()
-    if reduction == "sum":
-        return log_lik.sum()
-    return log_lik
+    return reduce_over_bags(log_lik, reduction)
