@@ -276,6 +276,15 @@ def test_npz_errors(tmp_path):
         load_dataset("npz", data_root=path, classes="cat,frog,2")
     with pytest.raises(DataError, match="not found"):
         load_dataset("npz", data_root=str(tmp_path / "missing.npz"))
+    text = tmp_path / "notes.npz"
+    text.write_text("x,y\n1,2\n")
+    with pytest.raises(DataError, match=r"notes\.npz: not an \.npz archive .*starts with b'x,y\\n1,'"):
+        load_dataset("npz", data_root=str(text))
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(DataError, match=r"single\.npz: a single \.npy array, not an \.npz archive"):
+        load_dataset("npz", data_root=str(single))
 
 
 def test_npz_binary_grayscale(tmp_path):
@@ -415,6 +424,8 @@ def test_manifest_without_labels(tmp_path):
     ("path,bag\nimg/a.png,b1\nimg/zz.png,b1\n", "bag,count\nb1,0\n",
      r"inst\.csv, line 3: image 'img/zz.png' not found"),
     ("path,bag\nimg/a.png,b1\nimg/bad.png,b1\n", "bag,count\nb1,0\n", r"inst\.csv, line 3: cannot read image"),
+    ("path,bag\nimg/a.png,b1\nimg/b.png,b1\n./img/a.png,b1\n", "bag,count\nb1,1\n",
+     r"inst\.csv, line 4: image './img/a.png' is listed twice in bag 'b1' \(first on line 2\)"),
     (GOOD_INSTANCES, "bag\nb1\n", r"counts\.csv, line 1: missing column 'count'"),
     (GOOD_INSTANCES, "bag,count\nb1,1\nb2,1\nb1,0\nb3,1\n", r"counts\.csv, line 4: bag 'b1' is listed twice"),
     (GOOD_INSTANCES, "bag,count\nb1,1\nb2,one\n", r"counts\.csv, line 3: count 'one' for bag 'b2' is not an integer"),

@@ -37,6 +37,7 @@ import csv
 import math
 import os
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 
@@ -333,6 +334,15 @@ def _load_npz(path: str, classes: str | None, required: bool = True):
         raise DataError("the npz dataset needs --data-root pointing to a .npz file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: npz file not found")
+    # np.load reads any file that is neither a zip nor a .npy as a pickle, and would
+    # report "pickled (object) data" for a text file: say what the file is instead.
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise DataError(f"{path}: a single .npy array, not an .npz archive (save x and y with numpy.savez)")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an .npz archive (a zip of .npy arrays, as numpy.savez writes; "
+                        f"this file starts with {head!r})")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files if k in ("x", "y", "classes")}
@@ -659,6 +669,7 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags, nois
     paths, lines, labels, bag_of = [], [], [], []
     first_line: dict[str, int] = {}
     members: dict[str, list[int]] = {}  # bag id -> instance numbers, in order of first appearance
+    listed: dict[tuple[str, str], int] = {}  # (bag id, real path) -> line
     for line, fields in rows:
         rel, bag = _field(fields, cols, "path"), _field(fields, cols, "bag")
         if not rel:
@@ -670,6 +681,13 @@ def _load_manifest(csv_path: str | None, counts_path: str | None, num_bags, nois
         full = rel if os.path.isabs(rel) else os.path.join(base, rel)
         if not os.path.isfile(full):
             raise DataError(f"{csv_path}, line {line}: image {rel!r} not found (looked for {full})")
+        # The same file twice in one bag would count one instance twice against the
+        # bag's count: refused rather than guessed at (across bags it is allowed).
+        key = (bag, os.path.realpath(full))
+        if key in listed:
+            raise DataError(f"{csv_path}, line {line}: image {rel!r} is listed twice in bag {bag!r} (first on "
+                            f"line {listed[key]}); list each image once per bag")
+        listed[key] = line
         first_line.setdefault(bag, line)
         members.setdefault(bag, []).append(len(paths))
         paths.append(full)

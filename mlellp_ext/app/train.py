@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -570,6 +571,19 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
     trains on its shard of the bags, and only rank 0 writes files and shows progress."""
     check_options(cfg)
     world = distributed.setup(cfg.device)
+    created = world.is_main and not os.path.exists(cfg.out)
+    try:
+        return _train(cfg, stop_after_epochs, world)
+    except DataError:
+        # A data error found only in training (an image that fails at its first decode)
+        # before the first checkpoint: this run's folder holds nothing worth keeping, and
+        # a run whose data fail leaves no --out folder. With a checkpoint it stays, for --resume.
+        if created and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, stop_after_epochs: int | None, world) -> list[dict]:
     main = world.is_main
     trainer = Trainer(cfg, world)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
