@@ -39,3 +39,8 @@ def random_bags(gen, num_bags, min_size=0, max_size=12, scale=3.0, dtype=torch.f
 def gen(request):
     # A fresh seed per test, stable across runs, so failures reproduce.
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--properties-long", action="store_true", default=False,
+                     help="test_properties.py: 20 times the seeded cases (before a release)")
