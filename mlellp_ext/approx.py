@@ -105,8 +105,9 @@ def _approx(logits, offsets, counts, max_iterations, tol):
     # another bag (a NaN or a slow bag elsewhere would otherwise add iterations).
     # Every step ends on the rows, so rows sum to 1 and phi lies in [0, 1] whether or
     # not the columns converged.
+    sizes = offsets.diff()
     for _ in range(max_iterations):
-        sums = torch.zeros(B, C, dtype=dtype, device=z.device).index_add_(0, bag, phi)
+        sums = _bag_sums(phi, sizes)
         moving = ~(((sums - target).abs() <= tol).all(1) | bad)
         if not bool(moving.any()):
             break
@@ -115,6 +116,15 @@ def _approx(logits, offsets, counts, max_iterations, tol):
         phi = torch.where(rows, _rows_to_one(phi * scale[bag]), phi)
     phi = phi.masked_fill(bad[bag].unsqueeze(1), float("nan"))
     return phi.to(logits.dtype), log_lik.to(_compute_dtype(logits.dtype))
+
+
+def _bag_sums(phi, sizes):
+    """(B, C) column sums of each bag. segment_reduce sums each bag on its own, in a
+    fixed order on either device (index_add_ uses atomics on CUDA, whose order, and
+    so whose rounding, would depend on the other bags)."""
+    if sizes.numel() == 0:
+        return phi.new_zeros(0, phi.shape[1])
+    return torch.segment_reduce(phi, "sum", lengths=sizes, axis=0)
 
 
 def _rows_to_one(phi):

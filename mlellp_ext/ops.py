@@ -802,7 +802,9 @@ def posterior_multiclass(logits, offsets, counts, *, max_states: int = DEFAULT_M
         counts: (B, C) int64, non-negative, row b summing to bag b's size.
         max_states: a bag with more than this many states S_b is an error
             naming it (the default, 2^24, keeps its tables within 256 MiB; at
-            most 2^40); such bags need :func:`posterior_multiclass_approx`.
+            most 2^40); such bags need :func:`posterior_multiclass_approx`. A
+            bag within the budget whose tables cannot be allocated raises
+            ``torch.OutOfMemoryError`` naming it, its states and the bytes.
 
     Returns:
         phi: (N, C) in the dtype of logits, rows summing to 1; exactly 0 in

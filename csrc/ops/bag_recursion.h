@@ -70,9 +70,9 @@ MLELLP_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 MLELLP_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Smallest row entry (relative to a row maximum in [0.5, 1)) the scaled path
-// accepts. Products of such an entry with any p_i or q_i that matters stay
-// normal numbers, and anything lost to underflow is below eps relative to
-// what it is added to (see the argument at the top of the file).
+// accepts; smaller ones are flushed to 0. What flushing, and products of such
+// entries with a tiny p_i or q_i that underflow (see row_floor), can cost is
+// bounded by the overlap test (see ScaledArith).
 template <typename T> MLELLP_HD T tiny_value();
 template <> MLELLP_HD float tiny_value<float>() { return 1.0e-30f; }    // 2^24 * FLT_MIN ~ 2e-31
 template <> MLELLP_HD double tiny_value<double>() { return 1.0e-290; }  // 2^53 * DBL_MIN ~ 2e-292
@@ -150,16 +150,23 @@ template <> MLELLP_HD double min_normal<double>() { return 2.2250738585072014e-3
 
 // Smallest maximum of a freshly computed row, relative to the row it came from
 // (whose maximum is in [0.5, 1]), that ScaledArith accepts. A row's maximum
-// falls far only where the band forces a tiny p_i or q_i (y = n with z_i = -900,
-// say). Its entries are sums of products c * x that may underflow, each with
-// an absolute error of up to u * min_normal; at or above this floor that is
-// below tiny_value relative to the row (so the flushing bound covers it), and
-// the overlap test's den = sum_k a(k) g(k), a product of two such rows, keeps
-// a relative error below u / n instead of underflowing to 0 (which made 0 / 0).
-// floor >= 2 u min_normal / tiny: 4.9e-34 (double), 1.4e-15 (float).
+// falls far only where the band forces a label of tiny probability (y = n - 1
+// in a bag of logits -400, -900, -400; in float32, any p_i below ~1e-13, i.e.
+// |z_i| > ~30). Its entries are sums of two products c * x that may be
+// subnormal; with p_i itself possibly subnormal (exp's and the sigmoid's own
+// rounding, 2 ulp for CUDA's expf), an entry's absolute error stays below
+// 12 u min_normal. At or above this floor that is below tiny_value relative to
+// the row, so the flushing bound covers it, and the overlap test's
+// den = sum_k a(k) g(k), a product of two such rows, keeps a relative error
+// below u / n instead of underflowing to 0 (which made 0 / 0).
+// Needed: floor >= 12 u min_normal / tiny = 3.0e-33 (double), 8.4e-15 (float);
+// the values below leave a factor of over 10. This assumes gradual underflow
+// (the default): with flush-to-zero (torch.set_flush_denormal(True)) a product
+// may lose up to min_normal, the overlap test still refuses a 0 / 0, but the
+// float32 precision bound is then ~1e-25 relative per entry instead of tiny.
 template <typename T> MLELLP_HD T row_floor();
-template <> MLELLP_HD float row_floor<float>() { return 1.0e-14f; }
-template <> MLELLP_HD double row_floor<double>() { return 1.0e-32; }
+template <> MLELLP_HD float row_floor<float>() { return 1.0e-13f; }
+template <> MLELLP_HD double row_floor<double>() { return 1.0e-31; }
 
 // Rescale row[0..len) by a power of two so its maximum is in [0.5, 1), for
 // log_pmf, whose every entry must keep full relative precision. Returns false

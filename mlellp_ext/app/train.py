@@ -571,19 +571,20 @@ def train(cfg: TrainConfig, stop_after_epochs: int | None = None) -> list[dict]:
     trains on its shard of the bags, and only rank 0 writes files and shows progress."""
     check_options(cfg)
     world = distributed.setup(cfg.device)
-    created = world.is_main and not os.path.exists(cfg.out)
+    made = []  # the folder, if this run created it
     try:
-        return _train(cfg, stop_after_epochs, world)
+        return _train(cfg, stop_after_epochs, world, made)
     except DataError:
         # A data error found only in training (an image that fails at its first decode)
-        # before the first checkpoint: this run's folder holds nothing worth keeping, and
-        # a run whose data fail leaves no --out folder. With a checkpoint it stays, for --resume.
-        if created and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        # before the first checkpoint: the folder this run made holds nothing worth
+        # keeping, and a run whose data fail leaves no --out folder. With a checkpoint it
+        # stays, for --resume; a folder that was there before is never removed.
+        if made and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
             shutil.rmtree(cfg.out, ignore_errors=True)
         raise
 
 
-def _train(cfg: TrainConfig, stop_after_epochs: int | None, world) -> list[dict]:
+def _train(cfg: TrainConfig, stop_after_epochs: int | None, world, made: list) -> list[dict]:
     main = world.is_main
     trainer = Trainer(cfg, world)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
@@ -593,7 +594,13 @@ def _train(cfg: TrainConfig, stop_after_epochs: int | None, world) -> list[dict]
         history, start = trainer.restore(state), int(state["epoch"]) + 1
         del state
     if main:  # only now: a run whose data or checkpoint fail to load leaves no folder behind
-        os.makedirs(cfg.out, exist_ok=True)
+        parent = os.path.dirname(os.path.abspath(cfg.out))
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(cfg.out)
+            made.append(cfg.out)
+        except FileExistsError:
+            pass
     if world.distributed:
         write_shards(trainer)
     if main:

@@ -82,11 +82,14 @@ std::tuple<at::Tensor, at::Tensor> posterior_multiclass_cuda(const at::Tensor& l
       try {
         work = at::empty({total}, logits.options().dtype(at::kByte));
       } catch (const c10::OutOfMemoryError& e) {
-        int64_t big = first;  // the chunk's largest bag names the failure
-        for (int64_t b = first; b < last; ++b) big = bytes[b] > bytes[big] ? b : big;
+        // A chunk of one bag names that bag; a chunk of many small ones (at most
+        // kChunkBytes) says so: lowering max_states would not help there.
+        TORCH_CHECK_WITH(OutOfMemoryError, last - first == 1, op, ": the workspace of bags ", first, "..", last - 1,
+                         " (", total, " bytes in all) could not be allocated on ", logits.device(), " (",
+                         e.what_without_backtrace(), ")");
         multiclass::Lattice lattice;
-        multiclass::make_lattice(cnt_h + big * num_classes, num_classes, max_states, &lattice);
-        raise_workspace_unavailable(op, big, cnt_h + big * num_classes, num_classes, lattice.states, bytes[big],
+        multiclass::make_lattice(cnt_h + first * num_classes, num_classes, max_states, &lattice);
+        raise_workspace_unavailable(op, first, cnt_h + first * num_classes, num_classes, lattice.states, bytes[first],
                                     logits.device().str(), e.what_without_backtrace());
       }
       auto work_off_dev = at::tensor(work_off, off.options().device(at::kCPU)).to(logits.device());
