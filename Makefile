@@ -11,7 +11,7 @@ export MAX_JOBS ?= $(shell nproc)
 CSRC := $(shell find csrc -type f) setup.py pyproject.toml
 CMAKE_BUILD := cmake-build
 
-.PHONY: run test test-python test-cpp bench gpu-check clean
+.PHONY: run test test-python test-cpp bench gpu-check gpu-test clean
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench: $(VENV)/.built
 # For a machine with a GPU and its own torch (no network): see bench/gpu_check.sh.
 gpu-check:
 	bash bench/gpu_check.sh
+
+# The whole CUDA test list on such a machine (after gpu-check's build), each test
+# limited to 5 minutes so that a stall names itself.
+gpu-test:
+	python3 -m pytest -q -rfE -p no:cacheprovider --timeout 300 -k cuda tests
 
 clean:
 	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log *.egg-info mlellp_ext/*.so

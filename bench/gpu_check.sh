@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # GPU validation kit (`make gpu-check`), for a machine with a CUDA GPU, its own
-# torch and no network. In order, each step with a time limit, so that a short
-# run still brings back the most important results first:
+# torch and no network. It must fit one short loan (about 8 minutes, build
+# included), so the steps run most important first, each with a time limit,
+# and a run cut short still brings back what matters most:
 #   1. build the extension against that torch, for that GPU only;
-#   2. the CUDA tests (pytest -k cuda);
-#   3. compute-sanitizer memcheck, initcheck, racecheck and synccheck on
-#      bench/sanitizer_cases.py (memcheck and initcheck without torch's caching
-#      allocator, so that every allocation has its exact bounds);
-#   4. the GPU benchmark (bench/gpu_bench.py), then candidate small-bag kernels
-#      against the shipped one (bench/cuda_variants.py; docs/gpu.md), then the
-#      input pipeline (bench/augment.py) and the epoch time of the seed's CIFAR
-#      protocol (bench/epoch_time.py, bf16);
-#   5. the rest of the test suite (training and the CLI then run on the GPU).
-# Results: gpu_check_<device>.log, gpu_<device>.{json,md} and
-# cuda_variants_<device>.json under bench/results
-# (or $GPU_CHECK_OUT). Wheels of missing test dependencies, if any, are taken
-# from .whl/ (no network there).
+#   2. the essential CUDA tests (pytest -k cuda -m "not slow": every op on the
+#      device against the CPU, in under 2 minutes; 60 s a test at most, so a
+#      stall fails with its name);
+#   3. compute-sanitizer memcheck on bench/sanitizer_cases.py (without torch's
+#      caching allocator, so that every allocation has its exact bounds);
+#   4. bench/gpu_summary.py: every op's instances/s, its ratio to the same op
+#      on this machine's CPU threads and its fraction of copy bandwidth, in one
+#      run (gpu_summary_<device>.json, with the figures the GPU issue asks for);
+#   5. the candidate small-bag kernels against the shipped one (bench/cuda_variants.py);
+#   6. the rest: initcheck, racecheck and synccheck, bench/gpu_bench.py, the
+#      input pipeline (bench/augment.py), the epoch time (bench/epoch_time.py,
+#      bf16), the slow CUDA tests, and the rest of the test suite (training and
+#      the CLI then run on the GPU).
+# Results under bench/results (or $GPU_CHECK_OUT): gpu_check_<device>.log,
+# gpu_summary_<device>.json, gpu_<device>.{json,md}, cuda_variants_<device>.json.
+# Wheels of missing test dependencies (expecttest, pytest-timeout), if any, are
+# taken from .whl/ (no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -72,7 +77,7 @@ for dev in ('cpu', 'cuda'):
   echo "== raises cleanly: rc=$rc" | tee -a "$LOG"
   return "$rc"
 }
-step 420 $PY setup.py -q build_ext --inplace
+step 300 $PY setup.py -q build_ext --inplace
 if ! raises_cleanly; then
   echo "== a C++ error did not come back as a ValueError; trying other compilers" | tee -a "$LOG"
   status_before=$status
@@ -94,18 +99,23 @@ if ! raises_cleanly; then
     step 420 $PY setup.py -q build_ext --inplace
   fi
 fi
-step 300 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST -k cuda tests
+TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout" || echo "")
+per_test() { [ -n "$TIMEOUT" ] && echo "$TIMEOUT $1"; }  # pytest-timeout's limit, where it is installed
+step 150 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST $(per_test 60) -k cuda -m "not slow" tests
 SAN="compute-sanitizer --error-exitcode 1 --print-limit 20"
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 step 240 $SAN --tool memcheck --leak-check no $PY bench/sanitizer_cases.py
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 step 150 $SAN --tool memcheck --leak-check no $PY bench/sanitizer_cases.py
+step 150 $PY bench/gpu_summary.py --out "$OUT/gpu_summary_${DEVICE}.json"
+step 120 $PY bench/cuda_variants.py --out "$OUT/cuda_variants_${DEVICE}.json"
+# ---- the rest, as far as the loan goes
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 step 240 $SAN --tool initcheck $PY bench/sanitizer_cases.py
 step 180 $SAN --tool racecheck $PY bench/sanitizer_cases.py --wide-only
 step 180 $SAN --tool synccheck $PY bench/sanitizer_cases.py --wide-only
 step 300 $PY bench/gpu_bench.py --out "$OUT/gpu_${DEVICE}.json"
-step 180 $PY bench/cuda_variants.py --out "$OUT/cuda_variants_${DEVICE}.json"
 step 120 $PY bench/augment.py --device cuda --out "$OUT"
 step 420 $PY bench/epoch_time.py --device cuda --amp bf16 --epochs 3 --methods mle,supervised,dllp --out "$OUT"
+step 300 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST_ALL $(per_test 240) -k cuda -m slow tests
 # (the variants were just built and run: their compile test is for machines without a GPU)
-step 240 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST_ALL -k "not cuda" tests \
+step 240 $PY -m pytest -q -rfE -p no:cacheprovider $XDIST_ALL $(per_test 120) -k "not cuda" tests \
   --deselect tests/test_gpu_kit.py::test_variant_kernels_compile
 echo "== gpu-check $([ $status = 0 ] && echo passed || echo FAILED); log: $LOG"
 exit $status

@@ -20,6 +20,36 @@ def test_gpu_check_script_parses():
     assert out.returncode == 0, out.stderr
 
 
+def test_gpu_check_runs_the_most_important_first():
+    """A loan may end at any step: build, essential CUDA tests, memcheck, the summary
+    benchmark and the variants come before everything else."""
+    with open(os.path.join(BENCH, "gpu_check.sh")) as f:
+        steps = [line for line in f if line.startswith("step ") or line.startswith("PYTORCH_NO_CUDA_MEMORY_CACHING=1 step")]
+    order = ["setup.py -q build_ext", '-k cuda -m "not slow"', "--tool memcheck", "bench/gpu_summary.py",
+             "bench/cuda_variants.py"]
+    found = [next(i for i, line in enumerate(steps) if key in line) for key in order]
+    assert found == sorted(found) and found[-1] == len(order) - 1, steps
+
+
+def test_gpu_summary_dry_run_on_the_cpu(tmp_path):
+    """bench/gpu_summary.py covers every op and writes each row's rates and ratios (here with
+    the CPU standing in for the GPU, at a tiny scale)."""
+    out = tmp_path / "summary.json"
+    run = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_summary.py"), "--device", "cpu", "--scale", "0.0005",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0, run.stdout + run.stderr
+    with open(out) as f:
+        result = json.load(f)
+    ops = {row["case"].split(",")[0] for row in result["rows"]}
+    assert ops == {"posterior", "posterior_weighted", "log_pmf", "phi_jvp", "posterior_multiclass", "augment_images"}
+    for row in result["rows"]:
+        for key in ("instances_per_s", "cpu_instances_per_s", "ratio_to_cpu_threads", "fraction_of_copy_bandwidth"):
+            assert row[key] > 0, (row["case"], key)
+    asked = [row for row in result["rows"] if "asked" in row]
+    assert len(asked) == 3 and all(isinstance(row["meets"], bool) for row in asked)
+
+
 def _toolkit():
     """A CUDA toolkit to build with: CUDA_HOME (as the Makefile sets it) or /usr/local/cuda,
     with nvcc and the runtime library to link."""

@@ -11,6 +11,7 @@ from conftest import DEVICES
 post = torch.ops.mlellp.posterior
 
 
+@pytest.mark.slow  # a 10,000-instance float64 reference on the CPU
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("frac", [0.5, 0.1])
 def test_bag_of_10000_against_float64_reference(gen, device, frac):
@@ -29,6 +30,7 @@ def test_bag_of_10000_against_float64_reference(gen, device, frac):
         assert abs(float(phi.double().sum()) - y) < (1e-6 if dtype == torch.float64 else 1e-1)
 
 
+@pytest.mark.slow  # bags of 9,000 and 12,000, each again alone
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_workload_equals_bag_by_bag(gen, device):
     # many small bags and a few huge ones in one call (thread teams on the CPU,

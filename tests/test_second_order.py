@@ -168,6 +168,7 @@ def test_phi_jvp_vmap(gen, device):
                                torch.stack([jvp(r, r * 2, offsets, counts) for r in rows]))
 
 
+@pytest.mark.slow  # phi_jvp runs a bag per thread: 3,000 x 1,500 cells serially on a GPU
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n, y", [(20000, 5), (20000, 19995), (100000, 99990), (3000, 1500)])
 def test_phi_jvp_precision_large_bags(gen, device, n, y):
