@@ -151,6 +151,17 @@ def check_weighted(label, logits, offsets, gen):
     compare_phi_and_log_lik(label, "posterior_weighted", logits, offsets, logw)
 
 
+def check_weighted_wide(label, logits, offsets, gen):
+    """posterior_weighted on bags whose weights' support is wide (random log-weights over
+    all counts; a single count of bag 2 at its middle)."""
+    n_w = logits.numel() + offsets.numel() - 1
+    logw = torch.randn(n_w, generator=gen, dtype=torch.float64)
+    start = int(offsets[2]) + 2
+    logw[start:start + int(offsets[3] - offsets[2]) + 1] = float("-inf")
+    logw[start + 100] = 0.0
+    compare_phi_and_log_lik(label, "posterior_weighted", logits, offsets, logw)
+
+
 def check_augment(label, images, gen, params_on_gpu=False):
     """augment_images with random per-image parameters (every op in random orders, blurs, flips),
     the parameters on the CPU (the trainer's way) or on the GPU."""
@@ -185,6 +196,10 @@ def main(argv=None):
         logits, offsets, _ = bags(gen, [150, 3, 300, 0, 129], dtype)
         # Rows 64 or more wide (bags 0, 2 and 4) go to the block kernel.
         check_all_ops(f"wide bags {dtype}", logits, offsets, torch.tensor([75, 3, 140, 0, 64]), gen)
+        # posterior_weighted's block kernel: supports wide enough (bags 0 and 2), one of a
+        # single count (the posterior path under a block), beside small bags
+        logits, offsets, _ = bags(gen, [300, 0, 200, 5, 40], dtype)
+        check_weighted_wide(f"weighted wide bags {dtype}", logits, offsets, gen)
     # augment_images: a thread block per image (shared-memory reductions: racecheck too)
     # 45x45 and 5x300: each thread's (row, column) step wraps around a row; 300 > the block
     for shape in [(40, 3, 32, 32), (3, 3, 45, 45), (2, 3, 5, 300), (5, 3, 1, 5), (7, 3, 17, 3), (0, 3, 8, 8)]:

@@ -282,6 +282,26 @@ MLELLP_MC_HD int64_t workspace_bytes(int64_t n, int64_t C, int64_t states) {
   return n * C * static_cast<int64_t>(sizeof(T) + 2 * sizeof(double)) + 2 * states * static_cast<int64_t>(sizeof(double));
 }
 
+// One bag's plan, where a device can compute it: whether its count vector y (C
+// entries) is valid for n instances (each y_c in 0..n, summing to n) with a
+// lattice of at most max_states states, and its workspace in bytes (0 where
+// not). The checks of check_multiclass_values_host as a flag: the host check
+// names what is wrong once a flag is set.
+template <typename T>
+MLELLP_MC_HD bool plan_bag(const int64_t* y, int64_t C, int64_t n, int64_t max_states, int64_t* bytes) {
+  *bytes = 0;
+  if (n < 0) return false;
+  int64_t sum = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    if (y[c] < 0 || y[c] > n) return false;
+    sum += y[c];
+  }
+  Lattice L;
+  if (sum != n || !make_lattice(y, C, max_states, &L)) return false;
+  *bytes = workspace_bytes<T>(n, C, L.states);
+  return true;
+}
+
 // The whole E-step of one bag: z (n x C logits, row-major), its lattice L, and
 // a workspace of workspace_bytes<T>(n, C, L.states) bytes aligned for double.
 // Writes phi (n x C, in T) and returns log P(y).

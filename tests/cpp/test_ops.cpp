@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -13,6 +14,8 @@
 
 #include "augment_image.h"
 #include "bag_recursion.h"
+#include "checks.h"
+#include "multiclass_recursion.h"
 
 namespace {
 
@@ -104,6 +107,37 @@ void test_header_at_extreme_magnitudes() {
     for (double v : zr) zmax = std::max(zmax, std::fabs(v));
     const double tol = 1e-6 + 16 * 5.96e-8 * zmax;
     for (int64_t i = 0; i < nn; ++i) expect_near(phif[i], ref_phi[i], tol, "extreme phi (float32)", bag);
+  }
+}
+
+// multiclass::plan_bag (the CUDA kernel's check of each bag, as a flag) agrees with
+// check_multiclass_values_host (the error the op raises) on valid and broken
+// count vectors: negative, above n, a wrong sum, over the state budget.
+void test_multiclass_plan() {
+  std::mt19937_64 rng(77);
+  int disagreements = 0;
+  for (int trial = 0; trial < 4000; ++trial) {
+    const int64_t C = 2 + static_cast<int64_t>(rng() % 5), n = static_cast<int64_t>(rng() % 9);
+    std::vector<int64_t> y(C, 0);
+    for (int64_t i = 0; i < n; ++i) ++y[rng() % C];
+    const int breakage = static_cast<int>(rng() % 5);
+    if (breakage == 1) y[rng() % C] = -1;
+    if (breakage == 2) y[rng() % C] += 1;           // wrong sum
+    if (breakage == 3) y[rng() % C] = n + 1;         // above n
+    const int64_t max_states = breakage == 4 ? 1 + static_cast<int64_t>(rng() % 8) : (int64_t(1) << 24);
+    const int64_t offsets[2] = {0, n};
+    bool host_ok = true;
+    try {
+      mlellp::check_multiclass_values_host("posterior_multiclass", offsets, 1, n, y.data(), C, max_states);
+    } catch (const c10::Error&) {
+      host_ok = false;
+    }
+    int64_t bytes = -1;
+    const bool device_ok = mlellp::multiclass::plan_bag<float>(y.data(), C, n, max_states, &bytes);
+    if (device_ok != host_ok || (device_ok ? bytes <= 0 : bytes != 0)) {
+      if (++disagreements <= 5) std::printf("FAIL multiclass plan, trial %d: plan %d, host check %d\n", trial, device_ok, host_ok);
+      ++failures;
+    }
   }
 }
 
@@ -264,6 +298,66 @@ void augment_team_case(std::mt19937& rng, int64_t h, int64_t w, int members, boo
   }
 }
 
+// bag_recursion.h's team algorithm as a GPU block runs it (posterior_bag and
+// posterior_weighted_bag over one shared workspace, reductions through shared
+// memory), here with std::threads and a barrier, against the one-thread path:
+// teams of 1..64 on bags up to 600 (checkpointed and tilted past 256), counts,
+// ranges of counts and Laplace-like weights. Reductions sum in another order,
+// so the agreement is to rounding, not bit for bit.
+template <typename Fn>
+void run_team(int members, Fn fn) {
+  std::barrier<> bar(members);
+  std::vector<double> shared(4 * members);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < members; ++r) threads.emplace_back([&, r] { fn(ThreadTeam{&bar, &shared, members, r}); });
+  for (auto& t : threads) t.join();
+}
+
+void test_posterior_teams() {
+  std::mt19937_64 rng(2024);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  int case_no = 0;
+  for (int64_t n : {1, 2, 7, 40, 257, 600}) {
+    // (every member syncs twice a row: wide teams on long bags oversubscribe a small CPU)
+    for (int members : n <= 40 ? std::vector<int>{1, 3, 8, 64} : std::vector<int>{2, 8}) {
+      for (int rep = 0; rep < 3; ++rep, ++case_no) {
+        std::vector<double> z(n);
+        for (double& v : z) v = uniform(rng) < 0.1 ? normal(rng) * 100 : normal(rng);
+        const int64_t y = static_cast<int64_t>(rng() % (n + 1));
+        // posterior: one count
+        std::vector<double> ws(mlellp::detail::posterior_workspace(n, y, y)), phi(n), phi_t(n);
+        double ll = 0, ll_t = 0;
+        mlellp::detail::posterior_bag(mlellp::detail::SoloTeam(), z.data(), n, y, y, phi.data(), &ll, ws.data());
+        std::vector<double> ws_t(ws.size());
+        run_team(members, [&](const ThreadTeam& team) {
+          mlellp::detail::posterior_bag(team, z.data(), n, y, y, phi_t.data(), &ll_t, ws_t.data());
+        });
+        expect_near(ll_t, ll, 1e-12 * std::fabs(ll) + 1e-12, "team log_lik", case_no);
+        for (int64_t i = 0; i < n; ++i) expect_near(phi_t[i], phi[i], 1e-11, "team phi", case_no);
+        // posterior_weighted: log-weights over a window around y (some -inf), or a single count
+        std::vector<double> logw(n + 1, -INFINITY);
+        const int64_t half = rep == 0 ? 0 : static_cast<int64_t>(rng() % 6);
+        for (int64_t k = std::max<int64_t>(0, y - half); k <= std::min<int64_t>(n, y + half); ++k) {
+          logw[k] = -std::fabs(static_cast<double>(k - y)) * (0.5 + uniform(rng));
+        }
+        int64_t ylo, yhi;
+        bool bad;
+        mlellp::detail::weight_support(logw.data(), n, &ylo, &yhi, &bad);
+        std::vector<double> wws(mlellp::detail::weighted_workspace(n, ylo, yhi)), wws_t(wws.size());
+        double wll = 0, wll_t = 0;
+        mlellp::detail::posterior_weighted_bag(mlellp::detail::SoloTeam(), z.data(), n, logw.data(), phi.data(), &wll,
+                                               wws.data());
+        run_team(members, [&](const ThreadTeam& team) {
+          mlellp::detail::posterior_weighted_bag(team, z.data(), n, logw.data(), phi_t.data(), &wll_t, wws_t.data());
+        });
+        expect_near(wll_t, wll, 1e-12 * std::fabs(wll) + 1e-12, "team weighted log_lik", case_no);
+        for (int64_t i = 0; i < n; ++i) expect_near(phi_t[i], phi[i], 1e-11, "team weighted phi", case_no);
+      }
+    }
+  }
+}
+
 void test_augment_teams() {
   std::mt19937 rng(7);
   const int64_t no_contrast[4] = {3, 0, 2, -1};  // hue, brightness, saturation: no reduction
@@ -287,6 +381,8 @@ void test_augment_teams() {
 
 int main() {
   test_augment_teams();
+  test_posterior_teams();
+  test_multiclass_plan();
   test_weighted_against_enumeration();
   test_header_against_enumeration();
   test_header_at_extreme_magnitudes();

@@ -1,8 +1,11 @@
-// CUDA kernel of posterior_weighted: one thread per bag over a global-memory
-// workspace, arithmetic in bag_recursion.h (posterior_weighted_bag, what the CPU
-// kernel runs). Offsets and weights come to the host once, for the checks and
-// for each bag's workspace size (which depends on its weights' support); bags
-// run in chunks whose workspace stays within kChunkBytes.
+// CUDA kernels of posterior_weighted, on the binary op's machinery (posterior_cuda.cu):
+// each bag's workspace is sized on the device (from its weights' support, by the
+// function the CPU uses) and placed by a prefix sum; bags whose band is wide get
+// a thread block each (BlockTeam), the others a thread each. The offsets' check
+// and the two totals come back in one small device-to-host copy; no weight and
+// no per-bag size crosses to the host. The arithmetic is bag_recursion.h's
+// posterior_weighted_bag, what the CPU kernel runs (its team form is tested on
+// the CPU through a thread team in tests/cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -11,27 +14,75 @@
 #include <torch/library.h>
 
 #include <tuple>
-#include <vector>
 
 #include "../bag_recursion.h"
 #include "../checks.h"
+#include "block_team.cuh"
 
 namespace mlellp {
 namespace {
 
-constexpr int kThreads = 64;
-constexpr int64_t kChunkBytes = int64_t(1) << 30;
+constexpr int kThreads = 128;
+// Bags whose band is at least this wide get a thread block each, as in posterior_cuda.cu.
+constexpr int64_t kBlockMinWidth = 64;
+using cuda_detail::BlockTeam;
+using cuda_detail::kBlockThreads;
 
+inline unsigned int blocks_for(int64_t work) {
+  return static_cast<unsigned int>((work + kThreads - 1) / kThreads);
+}
+
+// Workspace entries of each bag and whether it is wide (1) or not (0). The
+// offsets are not checked yet (that happens in the sync after this): a bag
+// whose offsets fall outside 0..N reads nothing and gets 0 and 0.
 template <typename T>
-__global__ void posterior_weighted_kernel(const T* __restrict__ z, const int64_t* __restrict__ off,
-                                          const T* __restrict__ logw, const int64_t* __restrict__ work_off,
-                                          T* work, int64_t first_bag, int64_t num_bags, T* phi, T* log_lik) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= num_bags) return;
-  const int64_t b = first_bag + j;
+__global__ void weighted_plan_kernel(const int64_t* __restrict__ off, const T* __restrict__ logw,
+                                     int64_t num_instances, int64_t* __restrict__ need, int64_t* __restrict__ mark,
+                                     int64_t num_bags) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= num_bags) return;
+  const int64_t start = off[b], end = off[b + 1], n = end - start;
+  need[b] = 0;
+  mark[b] = 0;
+  if (start < 0 || n < 0 || end > num_instances) return;
+  int64_t ylo, yhi;
+  bool bad;
+  if (!detail::weight_support(logw + start + b, n, &ylo, &yhi, &bad)) return;
+  need[b] = detail::weighted_workspace(n, ylo, yhi);
+  mark[b] = n > 0 && detail::Band{n, ylo, yhi}.width() >= kBlockMinWidth ? 1 : 0;
+}
+
+// Small bags: one thread each (wide bags are left to weighted_block_kernel).
+template <typename T>
+__global__ void weighted_kernel(const T* __restrict__ z, const int64_t* __restrict__ off,
+                                const T* __restrict__ logw, const int64_t* __restrict__ ws_off,
+                                const int64_t* __restrict__ mark, T* ws, T* __restrict__ phi, T* __restrict__ log_lik,
+                                int64_t num_bags) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= num_bags || mark[b] != 0) return;
   const int64_t start = off[b], n = off[b + 1] - start;
-  detail::SoloTeam solo;
-  detail::posterior_weighted_bag(solo, z + start, n, logw + start + b, phi + start, log_lik + b, work + work_off[j]);
+  detail::posterior_weighted_bag(detail::SoloTeam(), z + start, n, logw + start + b, phi + start, log_lik + b,
+                                 ws + ws_off[b]);
+}
+
+// Wide bags: one block each, the count dimension spread over its threads.
+template <typename T>
+__global__ void weighted_block_kernel(const T* __restrict__ z, const int64_t* __restrict__ off,
+                                      const T* __restrict__ logw, const int64_t* __restrict__ ws_off, T* ws,
+                                      T* __restrict__ phi, T* __restrict__ log_lik,
+                                      const int64_t* __restrict__ wide_bags) {
+  __shared__ double shared[3 * kBlockThreads];
+  const int64_t b = wide_bags[blockIdx.x];
+  const int64_t start = off[b], n = off[b + 1] - start;
+  detail::posterior_weighted_bag(BlockTeam(shared), z + start, n, logw + start + b, phi + start, log_lik + b,
+                                 ws + ws_off[b]);
+}
+
+__global__ void wide_scatter_kernel(const int64_t* __restrict__ position, int64_t* __restrict__ wide_bags,
+                                    int64_t num_bags) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= num_bags || position[b] == 0) return;
+  wide_bags[position[b] - 1] = b;
 }
 
 std::tuple<at::Tensor, at::Tensor> posterior_weighted_cuda(const at::Tensor& logits, const at::Tensor& offsets,
@@ -40,51 +91,58 @@ std::tuple<at::Tensor, at::Tensor> posterior_weighted_cuda(const at::Tensor& log
   check_weighted_layout(op, logits, offsets, count_log_weights);
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t num_bags = offsets.numel() - 1;
+  const int64_t num_instances = logits.numel();
   const auto off = offsets.contiguous();
-  const auto off_host = off.cpu();
-  const int64_t* off_h = off_host.data_ptr<int64_t>();
-  check_bag_values_host(op, off_h, num_bags, logits.numel(), nullptr);
-
   const auto dtype = compute_dtype(logits.scalar_type());
   const auto z = logits.to(dtype).contiguous();
   const auto w = count_log_weights.to(dtype).contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+
+  // Workspaces placed by a prefix sum, wide bags compacted into a list; both
+  // totals come back with the offsets' check.
+  at::Tensor need, mark, ws_end, mark_end, totals;
+  if (num_bags > 0) {
+    need = at::empty({num_bags}, off.options());
+    mark = at::empty({num_bags}, off.options());
+    AT_DISPATCH_FLOATING_TYPES(dtype, "mlellp_posterior_weighted_plan", [&] {
+      weighted_plan_kernel<scalar_t><<<blocks_for(num_bags), kThreads, 0, stream>>>(
+          off.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), num_instances, need.data_ptr<int64_t>(),
+          mark.data_ptr<int64_t>(), num_bags);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    ws_end = at::cumsum(need, 0);
+    mark_end = at::cumsum(mark, 0);
+    totals = at::stack({ws_end[-1], mark_end[-1]});
+    mark_end = at::where(mark.to(at::kBool), mark_end, at::zeros_like(mark_end));
+  }
+  const auto extras = check_bag_values(op, off, nullptr, num_instances, totals);
+  const int64_t ws_total = extras.empty() ? 0 : extras[0];
+  const int64_t num_wide = extras.empty() ? 0 : extras[1];
+
   auto phi = at::empty(logits.sizes(), z.options());
   auto log_lik = at::empty({num_bags}, z.options());
   if (num_bags == 0) return {phi.to(logits.scalar_type()), log_lik};
-  const auto w_host = w.cpu();
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto ws_off = ws_end - need;
+  auto ws = at::empty({ws_total > 0 ? ws_total : 1}, z.options());
+  at::Tensor wide_bags;
+  if (num_wide > 0) {
+    wide_bags = at::empty({num_wide}, off.options());
+    wide_scatter_kernel<<<blocks_for(num_bags), kThreads, 0, stream>>>(mark_end.data_ptr<int64_t>(),
+                                                                       wide_bags.data_ptr<int64_t>(), num_bags);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   AT_DISPATCH_FLOATING_TYPES(dtype, "mlellp_posterior_weighted_cuda", [&] {
-    using T = scalar_t;
-    const T* w_h = w_host.data_ptr<T>();
-    // Each bag's workspace (entries of T, rounded up to 32 for alignment),
-    // packed into chunks of at most kChunkBytes (a bag larger than that runs alone).
-    std::vector<int64_t> entries(num_bags);
-    for (int64_t b = 0; b < num_bags; ++b) {
-      const int64_t n = off_h[b + 1] - off_h[b];
-      int64_t ylo, yhi;
-      bool bad;
-      const int64_t need = detail::weight_support(w_h + off_h[b] + b, n, &ylo, &yhi, &bad)
-                               ? detail::weighted_workspace(n, ylo, yhi) : 0;
-      entries[b] = (need + 31) / 32 * 32;
-    }
-    const int64_t chunk_entries = kChunkBytes / static_cast<int64_t>(sizeof(T));
-    int64_t first = 0;
-    while (first < num_bags) {
-      int64_t last = first, total = 0;
-      std::vector<int64_t> work_off;
-      while (last < num_bags && (last == first || total + entries[last] <= chunk_entries)) {
-        work_off.push_back(total);
-        total += entries[last++];
-      }
-      auto work = at::empty({total > 0 ? total : 1}, z.options());
-      auto work_off_dev = at::tensor(work_off, off.options().device(at::kCPU)).to(logits.device());
-      const int64_t count = last - first;
-      posterior_weighted_kernel<T><<<static_cast<unsigned int>((count + kThreads - 1) / kThreads), kThreads, 0,
-                                     stream>>>(z.data_ptr<T>(), off.data_ptr<int64_t>(), w.data_ptr<T>(),
-                                               work_off_dev.data_ptr<int64_t>(), work.data_ptr<T>(), first, count,
-                                               phi.data_ptr<T>(), log_lik.data_ptr<T>());
+    weighted_kernel<scalar_t><<<blocks_for(num_bags), kThreads, 0, stream>>>(
+        z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), ws_off.data_ptr<int64_t>(),
+        mark.data_ptr<int64_t>(), ws.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), log_lik.data_ptr<scalar_t>(),
+        num_bags);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (num_wide > 0) {
+      weighted_block_kernel<scalar_t><<<static_cast<unsigned int>(num_wide), kBlockThreads, 0, stream>>>(
+          z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), ws_off.data_ptr<int64_t>(),
+          ws.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), log_lik.data_ptr<scalar_t>(),
+          wide_bags.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      first = last;
     }
   });
   if (phi.scalar_type() != logits.scalar_type()) phi = phi.to(logits.scalar_type());
