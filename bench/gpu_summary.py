@@ -34,6 +34,7 @@ import mlellp_ext
 from mlellp_ext import count_weights as cw
 
 sys.path.insert(0, os.path.dirname(__file__))
+from gpu_bench import cuda_time  # noqa: E402
 from workloads import make_workload  # noqa: E402
 
 # What the GPU issue asks of each workload: instances/s, ratio to the CPU threads,
@@ -47,19 +48,6 @@ TARGETS = {
 
 def timer(device):
     """fn -> median seconds of a call (CUDA events on a GPU, wall clock on the CPU)."""
-    def on_cuda(fn, repeats=10, warmup=2):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-
     def on_cpu(fn, repeats=5, warmup=1):
         for _ in range(warmup):
             fn()
@@ -70,7 +58,7 @@ def timer(device):
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    return on_cuda if torch.device(device).type == "cuda" else on_cpu
+    return cuda_time if torch.device(device).type == "cuda" else on_cpu
 
 
 def nbytes(tensors):

@@ -10,21 +10,19 @@
 
 #include "../bag_recursion.h"
 #include "../checks.h"
+#include "bag_launch.cuh"
 #include "block_team.cuh"
 
 namespace mlellp {
 namespace {
 
 constexpr int kThreads = 128;
-// Bags whose rows are at least this wide get a thread block each (BlockTeam),
-// smaller ones a thread each: a lone thread would crawl through a wide row.
-constexpr int64_t kBlockMinWidth = 64;
 using cuda_detail::BlockTeam;
+using cuda_detail::kBlockMinWidth;
+using cuda_detail::wide_scatter_kernel;
 using cuda_detail::kBlockThreads;
 
-inline unsigned int blocks_for(int64_t work) {
-  return static_cast<unsigned int>((work + kThreads - 1) / kThreads);
-}
+inline unsigned int blocks_for(int64_t work) { return cuda_detail::blocks_for(work, kThreads); }
 
 __device__ __forceinline__ bool is_wide(int64_t n, int64_t y) {
   return detail::Band{n, y, y}.width() >= kBlockMinWidth;
@@ -63,13 +61,6 @@ __global__ void wide_mark_kernel(const int64_t* __restrict__ off, const int64_t*
   if (b >= num_bags) return;
   const int64_t n = off[b + 1] - off[b], y = cnt[b];
   mark[b] = (n >= 0 && y >= 0 && y <= n && is_wide(n, y)) ? 1 : 0;
-}
-
-__global__ void wide_scatter_kernel(const int64_t* __restrict__ position, int64_t* __restrict__ wide_bags,
-                                    int64_t num_bags) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b >= num_bags || position[b] == 0) return;
-  wide_bags[position[b] - 1] = b;
 }
 
 // Workspace of each bag, from the same function the CPU uses (invalid

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "../checks.h"
@@ -86,7 +87,9 @@ std::tuple<at::Tensor, at::Tensor> posterior_multiclass_cuda(const at::Tensor& l
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     ws_end = at::cumsum(need, 0);
-    totals = at::stack({ws_end[-1], bad.sum(), need.max()});
+    // (a total past 2^62 bytes, possible only with max_states near 2^40, would wrap the sums)
+    const auto too_much = (need.to(at::kDouble).sum() > 4.0e18).to(at::kLong);
+    totals = at::stack({ws_end[-1], bad.sum(), need.max(), too_much});
   }
   // The offsets' own check (its messages) and the plan's totals, in one copy.
   const auto extras = check_bag_values(op, off, nullptr, num_instances, totals);
@@ -102,12 +105,14 @@ std::tuple<at::Tensor, at::Tensor> posterior_multiclass_cuda(const at::Tensor& l
   auto phi = at::empty(logits.sizes(), logits.options().dtype(dtype));
   auto log_lik = at::empty({num_bags}, logits.options().dtype(dtype));
   if (num_bags == 0) return {phi.to(logits.scalar_type()), log_lik};
+  TORCH_CHECK_WITH(OutOfMemoryError, extras[3] == 0, op, ": the ", num_bags,
+                   " bags need more than 2^62 bytes of workspace in all; lower max_states");
   const int64_t ws_total = extras[0], max_need = extras[2];
   const auto ws_off = ws_end - need;
   // One chunk if everything fits in kChunkBytes; else chunks of bags starting in
   // [j K, (j + 1) K), whose workspace ends before (j + 1) K + max_need.
   const int64_t chunk = ws_total <= kChunkBytes ? ws_total : kChunkBytes;
-  const int64_t buffer = ws_total <= kChunkBytes ? ws_total : kChunkBytes + max_need;
+  const int64_t buffer = std::min(ws_total, chunk + max_need);
   at::Tensor work;
   try {
     work = at::empty({buffer > 0 ? buffer : 1}, logits.options().dtype(at::kByte));
@@ -127,6 +132,8 @@ std::tuple<at::Tensor, at::Tensor> posterior_multiclass_cuda(const at::Tensor& l
   AT_DISPATCH_FLOATING_TYPES(dtype, "mlellp_posterior_multiclass_cuda", [&] {
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mlellp_posterior_multiclass_in", [&] {
+      // Every valid bag needs at least kAlign bytes (its tables hold a state or more),
+      // so each workspace starts inside exactly one chunk.
       for (int64_t lo = 0; lo < ws_total; lo += chunk) {  // in stream order: each chunk reuses the buffer
         posterior_multiclass_kernel<T, scalar_t><<<blocks_for(num_bags), kThreads, 0, stream>>>(
             z.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(), num_classes, max_states,
