@@ -43,8 +43,8 @@ def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, cou
             dtype's rounding), 0 where ``counts[b, c] = 0``; column c of bag b sums to
             ``counts[b, c]`` within ``tol`` once the bag converged. Each bag is fitted
             on its own; one still off after ``max_iterations`` (confident logits
-            that disagree with the counts converge slowly) keeps its rows summing
-            to 1 and its columns as far as the fitting got. Not differentiable.
+            converge slowly) keeps its rows summing to 1 and its columns as far
+            as the fitting got. Not differentiable.
         log_likelihood: (B,) the composite log-likelihood
             ``sum_c log P(S_bc = counts[b, c])`` of the per-class counts, each
             exact, treated as independent. It is not ``log P(counts[b])`` (for C = 2

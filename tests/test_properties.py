@@ -377,10 +377,12 @@ def test_approximate_estep_properties(cases, device, dtype):
 
 
 def test_approximate_estep_converged_columns(cases):
-    """Where it converges (tame logits), columns sum to the counts within tol."""
+    """Where it converges, columns sum to the counts within tol. Logits ~ N(0, 1): with
+    confident instances the fitted matrix nears one with zeros, and Sinkhorn slows to
+    thousands of iterations a digit (N(0, 2^2) already gives such bags now and then)."""
     for g in cases(15):
         sizes = torch.randint(0, 9, (10,), generator=g)
-        z = torch.randn(int(sizes.sum()), 4, generator=g, dtype=torch.float64) * 2
+        z = torch.randn(int(sizes.sum()), 4, generator=g, dtype=torch.float64)
         labels = torch.randint(0, 4, (len(z),), generator=g)
         bag = torch.repeat_interleave(torch.arange(10), sizes)
         counts = torch.zeros(10, 4, dtype=torch.long).index_put_((bag, labels), torch.ones_like(labels),
