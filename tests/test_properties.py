@@ -133,6 +133,15 @@ def with_nan_in_one_bag(g, z, offsets, sizes):
     return bad, b
 
 
+def assert_nan_only_in_bag(result_nan, result, offsets, b):
+    """(phi, log_lik) of a call with a NaN in bag b: that bag all NaN, every other bag
+    bitwise the result without the NaN."""
+    (phi_n, ll_n), (phi, ll) = [(p.cpu(), l.cpu()) for p, l in (result_nan, result)]
+    inside, others = bag_of(offsets) == b, torch.arange(len(ll)) != b
+    assert phi_n[inside].isnan().all() and ll_n[b].isnan()
+    assert_same(phi_n[~inside], phi[~inside]) and assert_same(ll_n[others], ll[others])
+
+
 def some_bags(g, offsets, sizes):
     """A random subset of the bags: (bag numbers, their rows, their offsets)."""
     keep = torch.nonzero(torch.rand(len(sizes), generator=g) < 0.5).flatten()
@@ -187,11 +196,8 @@ def test_posterior_nan_and_neighbours(cases, device, dtype):
         z = z.to(dtype)
         phi, ll = M.posterior(z.to(device), offsets.to(device), counts.to(device))
         bad, b = with_nan_in_one_bag(g, z, offsets, sizes)
-        phi_n, ll_n = M.posterior(bad.to(device), offsets.to(device), counts.to(device))
-        inside = bag_of(offsets) == b
-        assert phi_n[inside.to(device)].isnan().all() and ll_n[b].isnan()
-        assert_same(phi_n[~inside.to(device)], phi[~inside.to(device)])
-        assert_same(ll_n[torch.arange(len(ll)) != b], ll[torch.arange(len(ll)) != b])
+        assert_nan_only_in_bag(M.posterior(bad.to(device), offsets.to(device), counts.to(device)), (phi, ll),
+                               offsets, b)
         keep, rows, sub = some_bags(g, offsets, sizes)
         phi_k, ll_k = M.posterior(z[rows].to(device), sub.to(device), counts[keep].to(device))
         assert_same(phi_k.cpu(), phi.cpu()[rows]) and assert_same(ll_k.cpu(), ll.cpu()[keep])
@@ -300,12 +306,9 @@ def test_posterior_weighted_properties(cases, device, dtype):
         bad, b = with_nan_in_one_bag(g, z.to(dtype), offsets, sizes)
         bad_w = logw.clone()
         bad_w[int(offsets[b]) + b + int(torch.randint(0, int(sizes[b]) + 1, (1,), generator=g))] = math.nan
-        inside = bag_of(offsets) == b
         for zz, ww in ((bad, logw), (z.to(dtype), bad_w)):
-            phi_n, ll_n = M.posterior_weighted(zz.to(device), od, ww.to(dtype).to(device))
-            assert phi_n.cpu()[inside].isnan().all() and ll_n[b].isnan()
-            assert_same(phi_n.cpu()[~inside], phi[~inside])
-            assert_same(ll_n.cpu()[torch.arange(len(ll)) != b], ll[torch.arange(len(ll)) != b])
+            assert_nan_only_in_bag(M.posterior_weighted(zz.to(device), od, ww.to(dtype).to(device)), (phi, ll),
+                                   offsets, b)
         phi_s, ll_s = M.posterior_weighted(strided(zd), strided(od), strided(logw.to(dtype).to(device)))
         assert_same(phi_s.cpu(), phi) and assert_same(ll_s.cpu(), ll)
 
@@ -337,9 +340,8 @@ def test_posterior_multiclass_properties(cases, device, dtype):
                 if e > s:
                     assert (phi[s:e] - ref_phi).abs().max() <= 1e-9
         bad, b = with_nan_in_one_bag(g, z, offsets, sizes)
-        phi_n, ll_n = M.posterior_multiclass(bad.to(device), offsets.to(device), counts.to(device))
-        assert phi_n.cpu()[bag == b].isnan().all() and ll_n[b].isnan()
-        assert_same(phi_n.cpu()[bag != b], phi[bag != b])
+        assert_nan_only_in_bag(M.posterior_multiclass(bad.to(device), offsets.to(device), counts.to(device)),
+                               (phi, ll), offsets, b)
         phi_s, ll_s = M.posterior_multiclass(strided(z.to(device)), strided(offsets.to(device)),
                                              strided(counts.to(device)))
         assert_same(phi_s.cpu(), phi) and assert_same(ll_s.cpu(), ll)
@@ -363,11 +365,8 @@ def test_approximate_estep_properties(cases, device, dtype):
         assert ((phi >= 0) & (phi <= 1)).all() and (phi[counts[bag] == 0] == 0).all()
         assert ((phi.double().sum(1) - 1).abs() <= 4 * EPS[dtype] * z.shape[1]).all()
         bad, b = with_nan_in_one_bag(g, z, offsets, sizes)
-        phi_n, ll_n = M.posterior_multiclass_approx(bad.to(device), offsets.to(device), counts.to(device),
-                                                    max_iterations=iterations)
-        assert phi_n.cpu()[bag == b].isnan().all() and ll_n[b].isnan()
-        assert_same(phi_n.cpu()[bag != b], phi[bag != b])
-        assert_same(ll_n.cpu()[torch.arange(len(ll)) != b], ll[torch.arange(len(ll)) != b])
+        assert_nan_only_in_bag(M.posterior_multiclass_approx(bad.to(device), offsets.to(device), counts.to(device),
+                                                             max_iterations=iterations), (phi, ll), offsets, b)
         # each bag is fitted on its own: the same alone as among others
         for k in torch.randperm(len(sizes), generator=g)[:4].tolist():
             rows = slice(int(offsets[k]), int(offsets[k + 1]))
