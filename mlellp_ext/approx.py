@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .bags import bag_index, check_count_vectors
+from .bags import bag_index, check_count_vectors, lattice_states
 from .ops import (DEFAULT_MAX_STATES, _check_multiclass_layout_fake, _compute_dtype, _log_softmax_exact, posterior,
                   posterior_multiclass)
 
@@ -130,12 +130,6 @@ def _bag_sums(phi, sizes):
 def _rows_to_one(phi):
     """Each row divided by its sum (rows are never all 0 here: see _approx)."""
     return phi / phi.sum(1, keepdim=True)
-
-
-def lattice_states(counts: torch.Tensor) -> torch.Tensor:
-    """Each bag's exact-E-step state count prod_c (counts[b, c] + 1), as float64
-    (it may exceed int64)."""
-    return (counts.double() + 1).prod(1)
 
 
 def posterior_multiclass_auto(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, *,

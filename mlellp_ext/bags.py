@@ -47,6 +47,34 @@ def bag_index(offsets: torch.Tensor, num_instances: int | None = None) -> torch.
                                    output_size=num_instances)
 
 
+def count_slot_bags(offsets: torch.Tensor, num_slots: int | None = None) -> torch.Tensor:
+    """Bag of each count slot in the per-count layout (n_b + 1 slots per bag, bag
+    after bag; bag b's slots start at ``offsets[b] + b``), on offsets' device
+    (``num_slots`` = offsets[-1] + B spares a sync)."""
+    num_bags = offsets.shape[0] - 1
+    return torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), offsets.diff() + 1,
+                                   output_size=num_slots)
+
+
+def bag_positions(offsets: torch.Tensor, which, slots: bool = False) -> torch.Tensor:
+    """Positions of the bags numbered ``which``, bag after bag, each bag's in order
+    (int64): of their instances, or with ``slots=True`` of their count slots in the
+    per-count layout (see :func:`count_slot_bags`)."""
+    which = torch.as_tensor(which, dtype=torch.int64, device=offsets.device)
+    extra = int(slots)
+    sizes = (offsets[1:] - offsets[:-1])[which] + extra
+    starts = offsets[:-1][which] + (which if slots else 0)  # where each chosen bag starts in the input
+    new_starts = torch.cumsum(sizes, 0) - sizes
+    return (torch.repeat_interleave(starts - new_starts, sizes)
+            + torch.arange(int(sizes.sum()), device=offsets.device))
+
+
+def lattice_states(counts: torch.Tensor) -> torch.Tensor:
+    """Each bag's exact multi-class E-step state count prod_c (counts[b, c] + 1), as
+    float64 (it may pass int64)."""
+    return (counts.double() + 1).prod(1)
+
+
 def split_nested(logits, offsets, counts, op: str, takes_counts: bool = True):
     """Accept ``(logits, offsets[, counts])`` or ``(nested_logits[, counts])``.
 
