@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "bag_group.h"
 #include "bag_recursion.h"
 
 namespace {
@@ -29,6 +30,9 @@ __global__ void workspace_sizes_kernel(const int64_t* off, const int64_t* cnt, i
 // variant 0: the shipped kernel's body (workspace in global memory at per-bag offsets).
 // variant 1: the workspace in a per-thread array (local memory, interleaved across threads).
 // variant 2: variant 1 with at most 64 registers a thread (8 blocks of 128 per SM).
+// variant 3: a warp per 32 consecutive bags (bag_group.h): logits staged through
+//            shared memory by coalesced loads, phi stored back the same way,
+//            each lane's workspace in a local array.
 template <typename T, int Variant>
 __device__ __forceinline__ void small_bag(const T* z, const int64_t* off, const int64_t* cnt, const int64_t* ws_off,
                                           T* ws, T* phi, T* log_lik, int64_t num_bags) {
@@ -62,6 +66,25 @@ __global__ void __launch_bounds__(kThreads, 8) variant2(const T* z, const int64_
   small_bag<T, 1>(z, off, cnt, ws_off, ws, phi, ll, nb);
 }
 
+// The team of bag_group.h on the GPU: the 32 lanes of a warp.
+struct WarpTeam {
+  __device__ int rank() const { return threadIdx.x % 32; }
+  __device__ int size() const { return 32; }
+  __device__ void sync() const { __syncwarp(); }
+};
+
+constexpr int64_t kStage = 512;  // staged logits per warp: 32 bags of up to 16 on average
+
+template <typename T>
+__global__ void variant3(const T* z, const int64_t* off, const int64_t* cnt, T* phi, T* ll, int64_t nb) {
+  __shared__ T stage[kThreads / 32][2 * kStage];
+  const int64_t b0 = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32 * 32;
+  if (b0 >= nb) return;  // (a whole warp: b0 is the same for its lanes)
+  const int64_t b1 = b0 + 32 < nb ? b0 + 32 : nb;
+  mlellp::detail::posterior_group(WarpTeam(), z, off, cnt, b0, b1, kBlockMinWidth, stage[threadIdx.x / 32], kStage,
+                                  phi, ll);
+}
+
 // Workspace sizes per bag (the shipped op computes the same on the device before its checks).
 torch::Tensor workspace_sizes(torch::Tensor offsets, torch::Tensor counts) {
   const c10::cuda::CUDAGuard guard(offsets.device());
@@ -78,7 +101,7 @@ torch::Tensor workspace_sizes(torch::Tensor offsets, torch::Tensor counts) {
 // so that its time is the kernel's alone. Inputs must be valid and contiguous.
 void run_variant(int64_t variant, torch::Tensor logits, torch::Tensor offsets, torch::Tensor counts,
                  torch::Tensor ws_off, torch::Tensor ws, torch::Tensor phi, torch::Tensor log_lik) {
-  TORCH_CHECK(variant >= 0 && variant <= 2, "variant must be 0, 1 or 2, got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 3, "variant must be 0, 1, 2 or 3, got ", variant);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t nb = counts.numel();
   if (nb == 0) return;
@@ -95,6 +118,7 @@ void run_variant(int64_t variant, torch::Tensor logits, torch::Tensor offsets, t
     if (variant == 0) variant0<scalar_t><<<blocks, kThreads, 0, stream>>>(z, off, cnt, wo, w, ph, ll, nb);
     if (variant == 1) variant1<scalar_t><<<blocks, kThreads, 0, stream>>>(z, off, cnt, wo, w, ph, ll, nb);
     if (variant == 2) variant2<scalar_t><<<blocks, kThreads, 0, stream>>>(z, off, cnt, wo, w, ph, ll, nb);
+    if (variant == 3) variant3<scalar_t><<<blocks, kThreads, 0, stream>>>(z, off, cnt, ph, ll, nb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

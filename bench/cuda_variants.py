@@ -8,6 +8,8 @@ JIT-builds bench/cuda_variants.cu (the same bag_recursion.h as the op) and, on
   * variant 0:  the op's small-bag kernel alone (workspace in global memory)
   * variant 1:  workspace in a per-thread array instead
   * variant 2:  variant 1 capped at 64 registers a thread
+  * variant 3:  a warp per 32 bags, logits and phi staged through shared memory
+                (csrc/ops/bag_group.h; coalesced loads and stores)
   * copy:       a device-to-device copy of the op's bytes (the floor)
 Each variant's phi and log-likelihood must equal the op's bit for bit (same
 arithmetic); a mismatch fails the run. The predictions these test are in
@@ -69,7 +71,7 @@ def main(argv=None):
         dst = torch.empty_like(src)
         t_copy = cuda_time(lambda: dst.copy_(src))
         timings = {"op": (cuda_time(lambda: torch.ops.mlellp.posterior(logits, offsets, counts)), None)}
-        for v in (0, 1, 2):
+        for v in (0, 1, 2, 3):
             phi.fill_(float("nan"))
             ll.fill_(float("nan"))
             ext.run_variant(v, logits, offsets, counts, ws_off, ws, phi, ll)

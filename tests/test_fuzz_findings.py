@@ -135,11 +135,11 @@ def _refuses_allocations_over(nbytes):
 
 
 def test_a_lattice_too_large_for_memory_names_the_bag():
-    counts = torch.tensor([[1, 2, 0, 0, 0, 0, 0], [50] * 7])  # 51^7 ~ 9e11 states: 14 TB of tables
+    counts = torch.tensor([[1, 2, 0, 0, 0, 0, 0], [50] * 7])  # 51^7 ~ 9e11 states: 7 TB of float32 tables
     states = 51 ** 7
-    nbytes = 2 * states * 8 + 350 * 7 * (4 + 16)
+    nbytes = (2 * states + 2 * 350 * 7) * 4  # two tables, the shifted rows twice
     if not _refuses_allocations_over(nbytes):
-        pytest.skip("this machine might grant a 14 TB allocation (overcommit), so the op would run instead")
+        pytest.skip("this machine might grant a 7 TB allocation (overcommit), so the op would run instead")
     with pytest.raises(torch.OutOfMemoryError) as err:
         M.posterior_multiclass(torch.randn(353, 7), torch.tensor([0, 3, 353]), counts, max_states=1 << 40)
     text = str(err.value)

@@ -22,17 +22,31 @@
 // the number of classes whose count is positive (the "active" classes; the
 // others get no table dimension and phi = 0).
 //
-// Two arithmetic policies, chosen per bag:
-//  * plain probabilities in double: no exp or log per state (~10x cheaper).
-//    Used only when no labeling's probability can underflow: every product of
-//    n probabilities is at least exp(-bound) with
-//    bound = sum_i max_{c active} -log p_ic, so bound <= kPlainBound keeps every
-//    term, and every sum of terms, above DBL_MIN (and all are <= 1).
-//  * log-probabilities in the compute dtype, with log-sum-exp per state: exact
-//    for any logits, +-inf included.
+// Each instance's row is first shifted (the per-instance shift): over the
+// active classes, q_ic = p_ic / sum_{c' active} p_ic'. A labeling's probability
+// is then prod_i q_i,c_i times the bag's constant prod_i sum_active p_ic, so the
+// recursions run on q and log P(y) adds log of that constant back; a(k) is then
+// a probability under q (at most 1), whatever the logits' size.
+//
+// Two arithmetic policies, chosen per bag, both in the compute type T (float
+// for float/half/bfloat16 input, double for double):
+//  * plain numbers: no exp or log per state (~10x cheaper). Used only when no
+//    labeling's q-probability can underflow: every product of n shifted
+//    probabilities is at least exp(-bound) with
+//    bound = sum_i max_{c active} -log q_ic, so bound <= plain_bound<T>() keeps
+//    every term, and every sum of terms, above T's smallest normal number (and
+//    all are <= 1).
+//  * log-probabilities, with log-sum-exp per state: exact for any logits,
+//    +-inf included.
 // A NaN logit, or a row of all -inf (no distribution), makes its bag's phi and
 // log-likelihood NaN; a count vector that infinite logits make impossible gives
 // log-likelihood -inf and NaN phi, in that bag only (the binary op's contract).
+//
+// Two runners over the same workspace and arithmetic: posterior_bag, one
+// thread in index order (the CPU, and CUDA for small lattices), and
+// posterior_bag_team, a team of threads layer by layer (every state of layer
+// |k| = l depends only on layer l - 1), for large lattices on the GPU. Both
+// compute the same a and g bit for bit; phi's sums run in another order.
 #pragma once
 
 #include <cmath>
@@ -51,8 +65,13 @@ namespace multiclass {
 // active class has y_c >= 1): no budget admits them.
 constexpr int kMaxActive = 62;
 // Largest bound (see above) for the plain path: exp(-650) ~ 5e-283 > DBL_MIN
-// with room for the sums' rounding.
-constexpr double kPlainBound = 650.0;
+// (2.2e-308) and exp(-80) ~ 1.8e-35 > FLT_MIN (1.2e-38), with room for the
+// sums' rounding.
+template <typename T> MLELLP_MC_HD double plain_bound();
+template <> MLELLP_MC_HD double plain_bound<double>() { return 650.0; }
+template <> MLELLP_MC_HD double plain_bound<float>() { return 80.0; }
+// A team reduces the phi of this many classes at once (its shared buffer).
+constexpr int kTeamReduce = 4;
 
 template <typename T> MLELLP_MC_HD T mc_exp(T x);
 template <> MLELLP_MC_HD float mc_exp<float>(float x) { return ::expf(x); }
@@ -119,23 +138,33 @@ MLELLP_MC_HD void log_softmax_row(const In* z, int64_t C, T* out) {
   for (int64_t c = 0; c < C; ++c) out[c] = static_cast<T>(z[c]) - mx - ls;
 }
 
-// Whether the bag's log-probabilities (n x C) hold a NaN; and the plain path's
-// bound, sum_i max_{c active} -log p_ic (+inf when some active p_ic is 0).
-template <typename T>
-MLELLP_MC_HD bool scan_bag(const T* logp, int64_t n, int64_t C, const Lattice& L, double* bound) {
-  double b = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const T* lp = logp + i * C;
-    if (lp[0] != lp[0]) return true;  // log_softmax_row makes a bad row NaN throughout
-    double worst = 0;
-    for (int j = 0; j < L.active; ++j) {
-      const double v = -static_cast<double>(lp[L.cls[j]]);
-      if (v > worst) worst = v;
-    }
-    b += worst;
+// Row statuses, ordered so that the bag's is the largest of its rows'.
+constexpr int kRowOk = 0, kRowImpossible = 1, kRowNan = 2;
+
+// One instance's shifted row (see above): lq[c] = log q_ic at the active
+// classes (the others are left as log p_ic, unread). *scale = log sum_active
+// p_ic and *worst = max_active -log q_ic (the row's share of the bound).
+// Returns kRowNan for a row without a distribution, kRowImpossible when every
+// active class has probability 0.
+template <typename T, typename In>
+MLELLP_MC_HD int shift_row(const In* z, int64_t C, const Lattice& L, T* lq, double* scale, double* worst) {
+  log_softmax_row<T>(z, C, lq);
+  if (lq[0] != lq[0]) return kRowNan;  // log_softmax_row makes a bad row NaN throughout
+  T mx = -mc_inf<T>();
+  for (int j = 0; j < L.active; ++j) mx = lq[L.cls[j]] > mx ? lq[L.cls[j]] : mx;
+  if (mx == -mc_inf<T>()) return kRowImpossible;
+  T sum = 0;
+  for (int j = 0; j < L.active; ++j) sum += mc_exp<T>(lq[L.cls[j]] - mx);
+  const T lse = mx + mc_log<T>(sum);
+  double w = 0;
+  for (int j = 0; j < L.active; ++j) {
+    lq[L.cls[j]] -= lse;
+    const double v = -static_cast<double>(lq[L.cls[j]]);
+    w = v > w ? v : w;
   }
-  *bound = b;
-  return false;
+  *scale = static_cast<double>(lse);
+  *worst = w;
+  return kRowOk;
 }
 
 // Odometer steps over the lattice: k and its layer |k| move to the next
@@ -162,45 +191,45 @@ MLELLP_MC_HD void previous_state(const Lattice& L, int64_t* k, int64_t* layer) {
   --*layer;
 }
 
-// One bag with plain probabilities in double. p: n x C probabilities (exp of
-// logp); alpha, beta: S entries each; phi: n x C, accumulated (zeroed by the
-// caller). Returns log P(y).
-MLELLP_MC_HD double bag_plain(const double* p, int64_t n, int64_t C, const Lattice& L, double* alpha, double* beta,
-                              double* phi) {
+// One bag with plain probabilities in T. q: n x C shifted probabilities (read
+// at the active classes); alpha, beta: S entries each; phi: n x C, accumulated
+// (zeroed by the caller). Returns log a(y) (the caller adds the shift back).
+template <typename T>
+MLELLP_MC_HD T bag_plain(const T* q, int64_t n, int64_t C, const Lattice& L, T* alpha, T* beta, T* phi) {
   const int64_t S = L.states;
   int64_t k[kMaxActive];
   for (int j = 0; j < L.active; ++j) k[j] = 0;
   int64_t layer = 0;
-  alpha[0] = 1.0;
+  alpha[0] = 1;
   for (int64_t s = 1; s < S; ++s) {
     next_state(L, k, &layer);
-    const double* pi = p + (layer - 1) * C;
-    double a = 0;
+    const T* qi = q + (layer - 1) * C;
+    T a = 0;
     for (int j = 0; j < L.active; ++j) {
-      if (k[j] > 0) a += alpha[s - L.stride[j]] * pi[L.cls[j]];
+      if (k[j] > 0) a += alpha[s - L.stride[j]] * qi[L.cls[j]];
     }
     alpha[s] = a;
   }
-  const double total = alpha[S - 1];
+  const T total = alpha[S - 1];
   // k = y, layer = n here; walk back.
-  beta[S - 1] = 1.0;
-  const double inv_total = 1.0 / total;
+  beta[S - 1] = 1;
+  const T inv_total = 1 / total;
   for (int64_t s = S - 2; s >= 0; --s) {
     previous_state(L, k, &layer);
-    const double* pi = p + layer * C;
-    double* phi_i = phi + layer * C;
-    const double w = alpha[s] * inv_total;
-    double g = 0;
+    const T* qi = q + layer * C;
+    T* phi_i = phi + layer * C;
+    const T w = alpha[s] * inv_total;
+    T g = 0;
     for (int j = 0; j < L.active; ++j) {
       if (k[j] < L.y[j]) {
-        const double t = pi[L.cls[j]] * beta[s + L.stride[j]];
+        const T t = qi[L.cls[j]] * beta[s + L.stride[j]];
         g += t;
         phi_i[L.cls[j]] += w * t;
       }
     }
     beta[s] = g;
   }
-  return ::log(total);
+  return mc_log<T>(total);
 }
 
 // One bag in log space, in T. logp: n x C; alpha, beta: S entries; phi: n x C
@@ -275,21 +304,23 @@ MLELLP_MC_HD void rows_to_one(T* phi, int64_t n, int64_t C) {
   }
 }
 
-// Workspace of one bag, in bytes: logp (n x C of T), p and phi in double (n x C
-// each), and two tables of S doubles (which also hold the log path's T tables).
+// Workspace of one bag, in bytes: the shifted rows as logarithms and as
+// numbers (n x C of T each) and the two tables (S of T each).
 template <typename T>
 MLELLP_MC_HD int64_t workspace_bytes(int64_t n, int64_t C, int64_t states) {
-  return n * C * static_cast<int64_t>(sizeof(T) + 2 * sizeof(double)) + 2 * states * static_cast<int64_t>(sizeof(double));
+  return (2 * n * C + 2 * states) * static_cast<int64_t>(sizeof(T));
 }
 
 // One bag's plan, where a device can compute it: whether its count vector y (C
 // entries) is valid for n instances (each y_c in 0..n, summing to n) with a
-// lattice of at most max_states states, and its workspace in bytes (0 where
-// not). The checks of check_multiclass_values_host as a flag: the host check
-// names what is wrong once a flag is set.
+// lattice of at most max_states states, its workspace in bytes and its state
+// count (0 where not). The checks of check_multiclass_values_host as a flag:
+// the host check names what is wrong once a flag is set.
 template <typename T>
-MLELLP_MC_HD bool plan_bag(const int64_t* y, int64_t C, int64_t n, int64_t max_states, int64_t* bytes) {
+MLELLP_MC_HD bool plan_bag(const int64_t* y, int64_t C, int64_t n, int64_t max_states, int64_t* bytes,
+                           int64_t* states = nullptr) {
   *bytes = 0;
+  if (states != nullptr) *states = 0;
   if (n < 0) return false;
   int64_t sum = 0;
   for (int64_t c = 0; c < C; ++c) {
@@ -299,44 +330,206 @@ MLELLP_MC_HD bool plan_bag(const int64_t* y, int64_t C, int64_t n, int64_t max_s
   Lattice L;
   if (sum != n || !make_lattice(y, C, max_states, &L)) return false;
   *bytes = workspace_bytes<T>(n, C, L.states);
+  if (states != nullptr) *states = L.states;
   return true;
 }
 
-// The whole E-step of one bag: z (n x C logits, row-major), its lattice L, and
-// a workspace of workspace_bytes<T>(n, C, L.states) bytes aligned for double.
-// Writes phi (n x C, in T) and returns log P(y).
+// The workspace's parts: shifted log-rows, shifted rows, then the tables.
+template <typename T>
+struct Workspace {
+  T *lq, *q, *alpha, *beta;
+  MLELLP_MC_HD Workspace(unsigned char* work, int64_t n, int64_t C, int64_t states)
+      : lq(reinterpret_cast<T*>(work)), q(lq + n * C), alpha(q + n * C), beta(alpha + states) {}
+};
+
+// A bag that is not computed: its log-likelihood (NaN for a NaN row, -inf for
+// an impossible bag), its phi NaN (members [rank, rank + step, ...] of n x C).
+template <typename T>
+MLELLP_MC_HD T bag_not_computed(int status, int64_t n, int64_t C, T* phi, int64_t rank = 0, int64_t step = 1) {
+  for (int64_t t = rank; t < n * C; t += step) phi[t] = mc_nan<T>();
+  return status == kRowNan ? mc_nan<T>() : -mc_inf<T>();
+}
+
+// The whole E-step of one bag by one thread: z (n x C logits, row-major), its
+// lattice L, and a workspace of workspace_bytes<T>(n, C, L.states) bytes
+// aligned for T. Writes phi (n x C, in T) and returns log P(y).
 template <typename T, typename In>
 MLELLP_MC_HD T posterior_bag(const In* z, int64_t n, int64_t C, const Lattice& L, unsigned char* work, T* phi) {
-  double* p = reinterpret_cast<double*>(work);
-  double* phid = p + n * C;
-  double* tables = phid + n * C;
-  T* logp = reinterpret_cast<T*>(tables + 2 * L.states);
-  for (int64_t i = 0; i < n; ++i) log_softmax_row<T>(z + i * C, C, logp + i * C);
-  double bound = 0;
-  if (scan_bag<T>(logp, n, C, L, &bound)) {
-    for (int64_t t = 0; t < n * C; ++t) phi[t] = mc_nan<T>();
-    return mc_nan<T>();
+  Workspace<T> ws(work, n, C, L.states);
+  double scale = 0, bound = 0;
+  int status = kRowOk;
+  for (int64_t i = 0; i < n; ++i) {
+    double row_scale = 0, worst = 0;
+    const int st = shift_row<T>(z + i * C, C, L, ws.lq + i * C, &row_scale, &worst);
+    status = st > status ? st : status;
+    scale += row_scale;
+    bound += worst;
   }
-  if (bound <= kPlainBound) {
-    for (int64_t t = 0; t < n * C; ++t) {
-      p[t] = ::exp(static_cast<double>(logp[t]));
-      phid[t] = 0;
-    }
-    const double ll = bag_plain(p, n, C, L, tables, tables + L.states, phid);
-    rows_to_one(phid, n, C);
-    for (int64_t t = 0; t < n * C; ++t) phi[t] = static_cast<T>(phid[t]);
-    return static_cast<T>(ll);
-  }
-  T* alpha = reinterpret_cast<T*>(tables);
-  T* beta = alpha + L.states;
+  if (status != kRowOk) return bag_not_computed<T>(status, n, C, phi);
   for (int64_t t = 0; t < n * C; ++t) phi[t] = 0;
-  const T ll = bag_log<T>(logp, n, C, L, alpha, beta, phi);
-  if (ll == -mc_inf<T>()) {
-    for (int64_t t = 0; t < n * C; ++t) phi[t] = mc_nan<T>();
+  T ll;
+  if (bound <= plain_bound<T>()) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int j = 0; j < L.active; ++j) ws.q[i * C + L.cls[j]] = mc_exp<T>(ws.lq[i * C + L.cls[j]]);
+    }
+    ll = bag_plain<T>(ws.q, n, C, L, ws.alpha, ws.beta, phi);
   } else {
-    rows_to_one(phi, n, C);
+    ll = bag_log<T>(ws.lq, n, C, L, ws.alpha, ws.beta, phi);
+    if (ll == -mc_inf<T>()) return bag_not_computed<T>(kRowImpossible, n, C, phi);
   }
-  return ll;
+  rows_to_one(phi, n, C);
+  return ll + static_cast<T>(scale);
+}
+
+// ---- the team runner: the same arithmetic, layer by layer.
+//
+// Member r takes the contiguous states [r P, (r + 1) P) (P = ceil(S / size))
+// and, at each layer, those of them in that layer (an odometer walk from its
+// first state); the team syncs between layers. Team: rank(), size(), sync(),
+// reduce(values, count, op(j, a, b)) with count <= kTeamReduce (a
+// deterministic order), as bag_recursion.h's teams.
+
+// Decodes state s: its counts k and layer |k|.
+MLELLP_MC_HD void decode_state(const Lattice& L, int64_t s, int64_t* k, int64_t* layer) {
+  *layer = 0;
+  for (int j = 0; j < L.active; ++j) {
+    k[j] = (s / L.stride[j]) % (L.y[j] + 1);
+    *layer += k[j];
+  }
+}
+
+// Calls visit(s, k) for each of the member's states in layer l.
+template <typename Fn>
+MLELLP_MC_HD void visit_layer(const Lattice& L, int64_t s0, int64_t s1, int64_t l, Fn visit) {
+  if (s0 >= s1) return;
+  int64_t k[kMaxActive];
+  int64_t layer;
+  decode_state(L, s0, k, &layer);
+  for (int64_t s = s0;;) {
+    if (layer == l) visit(s, k);
+    if (++s == s1) return;
+    next_state(L, k, &layer);
+  }
+}
+
+// a(k) of one state from layer l - 1 (plain or log).
+template <typename T>
+MLELLP_MC_HD T alpha_at(bool plain, const Lattice& L, const T* alpha, const T* row, int64_t s, const int64_t* k) {
+  T term[kMaxActive];
+  T mx = -mc_inf<T>(), sum = 0;
+  for (int j = 0; j < L.active; ++j) {
+    if (plain) {
+      if (k[j] > 0) sum += alpha[s - L.stride[j]] * row[L.cls[j]];
+    } else {
+      term[j] = k[j] > 0 ? alpha[s - L.stride[j]] + row[L.cls[j]] : -mc_inf<T>();
+      mx = term[j] > mx ? term[j] : mx;
+    }
+  }
+  if (plain) return sum;
+  if (mx == -mc_inf<T>()) return mx;
+  for (int j = 0; j < L.active; ++j) sum += mc_exp<T>(term[j] - mx);
+  return mx + mc_log<T>(sum);
+}
+
+// g(k) of one state from layer l + 1, adding its phi terms to acc (the same
+// terms as bag_plain / bag_log).
+template <typename T>
+MLELLP_MC_HD T beta_at(bool plain, const Lattice& L, const T* alpha, const T* beta, const T* row, T total, int64_t s,
+                       const int64_t* k, T* acc) {
+  T term[kMaxActive];
+  T mx = -mc_inf<T>(), sum = 0;
+  for (int j = 0; j < L.active; ++j) {
+    if (plain) {
+      term[j] = k[j] < L.y[j] ? row[L.cls[j]] * beta[s + L.stride[j]] : T(0);
+      sum += term[j];
+    } else {
+      term[j] = k[j] < L.y[j] ? row[L.cls[j]] + beta[s + L.stride[j]] : -mc_inf<T>();
+      mx = term[j] > mx ? term[j] : mx;
+    }
+  }
+  if (plain) {
+    const T w = alpha[s] * (1 / total);
+    for (int j = 0; j < L.active; ++j) acc[j] += w * term[j];
+    return sum;
+  }
+  if (mx == -mc_inf<T>()) return mx;
+  for (int j = 0; j < L.active; ++j) {
+    term[j] = mc_exp<T>(term[j] - mx);
+    sum += term[j];
+  }
+  if (alpha[s] != -mc_inf<T>()) {
+    const T w = mc_exp<T>(alpha[s] + mx - total);
+    for (int j = 0; j < L.active; ++j) acc[j] += w * term[j];
+  }
+  return mx + mc_log<T>(sum);
+}
+
+// Shifts the rows (team-strided) and agrees on the bag's status, shift and bound.
+template <typename Team, typename T, typename In>
+MLELLP_MC_HD void shift_rows_team(const Team& team, const In* z, int64_t n, int64_t C, const Lattice& L, T* lq,
+                                  double* stats) {
+  stats[0] = 0, stats[1] = 0, stats[2] = kRowOk;  // shift, bound, status
+  for (int64_t i = team.rank(); i < n; i += team.size()) {
+    double row_scale = 0, worst = 0;
+    const int st = shift_row<T>(z + i * C, C, L, lq + i * C, &row_scale, &worst);
+    stats[2] = st > stats[2] ? st : stats[2];
+    stats[0] += row_scale;
+    stats[1] += worst;
+  }
+  team.reduce(stats, 3, [](int j, double a, double b) { return j == 2 ? (a > b ? a : b) : a + b; });
+}
+
+// The whole E-step of one bag by a team; the arguments of posterior_bag. Every
+// member returns log P(y).
+template <typename Team, typename T, typename In>
+MLELLP_MC_HD T posterior_bag_team(const Team& team, const In* z, int64_t n, int64_t C, const Lattice& L,
+                                  unsigned char* work, T* phi) {
+  Workspace<T> ws(work, n, C, L.states);
+  double stats[3];
+  shift_rows_team<Team, T>(team, z, n, C, L, ws.lq, stats);
+  const int status = static_cast<int>(stats[2]);
+  if (status != kRowOk) return bag_not_computed<T>(status, n, C, phi, team.rank(), team.size());
+  const bool plain = stats[1] <= plain_bound<T>();
+  const T* rows = plain ? ws.q : ws.lq;
+  for (int64_t t = team.rank(); t < n * C; t += team.size()) {
+    phi[t] = 0;
+    if (plain) ws.q[t] = mc_exp<T>(ws.lq[t]);  // (inactive entries too: unread)
+  }
+  const int64_t S = L.states, per = (S + team.size() - 1) / team.size();
+  const int64_t s0 = team.rank() * per < S ? team.rank() * per : S, s1 = s0 + per < S ? s0 + per : S;
+  if (team.rank() == 0) ws.alpha[0] = plain ? T(1) : T(0);
+  team.sync();
+  for (int64_t l = 1; l <= n; ++l) {
+    const T* row = rows + (l - 1) * C;
+    visit_layer(L, s0, s1, l, [&](int64_t s, const int64_t* k) { ws.alpha[s] = alpha_at<T>(plain, L, ws.alpha, row, s, k); });
+    team.sync();
+  }
+  const T total = ws.alpha[S - 1];
+  if (!plain && total == -mc_inf<T>()) {  // (phi's zeroing was before the layers' syncs)
+    return bag_not_computed<T>(kRowImpossible, n, C, phi, team.rank(), team.size());
+  }
+  if (team.rank() == 0) ws.beta[S - 1] = plain ? T(1) : T(0);
+  team.sync();
+  for (int64_t l = n - 1; l >= 0; --l) {
+    const T* row = rows + l * C;
+    T acc[kMaxActive];
+    for (int j = 0; j < L.active; ++j) acc[j] = 0;
+    visit_layer(L, s0, s1, l, [&](int64_t s, const int64_t* k) {
+      ws.beta[s] = beta_at<T>(plain, L, ws.alpha, ws.beta, row, total, s, k, acc);
+    });
+    // Every member reduces (a reduction syncs the team, so this layer's beta is
+    // written before the next layer reads it).
+    for (int j0 = 0; j0 < L.active; j0 += kTeamReduce) {
+      const int count = L.active - j0 < kTeamReduce ? L.active - j0 : kTeamReduce;
+      team.reduce(acc + j0, count, [](int, T a, T b) { return a + b; });
+    }
+    if (team.rank() == 0) {
+      for (int j = 0; j < L.active; ++j) phi[l * C + L.cls[j]] = acc[j];
+    }
+  }
+  team.sync();
+  for (int64_t i = team.rank(); i < n; i += team.size()) rows_to_one(phi + i * C, 1, C);
+  return (plain ? mc_log<T>(total) : total) + static_cast<T>(stats[0]);
 }
 
 }  // namespace multiclass

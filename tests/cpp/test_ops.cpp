@@ -7,12 +7,14 @@
 #include <barrier>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "augment_image.h"
+#include "bag_group.h"
 #include "bag_recursion.h"
 #include "checks.h"
 #include "multiclass_recursion.h"
@@ -358,6 +360,169 @@ void test_posterior_teams() {
   }
 }
 
+// multiclass_recursion.h's team runner (layer by layer, as a GPU block runs it)
+// against its one-thread runner, with teams of 1..64 std::threads: float and
+// double, plain and log-space bags (logits up to ~1e3), +-inf logits,
+// impossible and NaN bags; and the one-thread runner against enumerating every
+// labeling on tiny bags.
+template <typename T>
+void multiclass_team_case(std::mt19937_64& rng, int64_t n, int64_t C, double scale, int members, int case_no) {
+  std::normal_distribution<double> normal(0.0, scale);
+  std::vector<T> z(n * C);
+  for (auto& v : z) v = static_cast<T>(normal(rng));
+  std::vector<int64_t> y(C, 0);
+  for (int64_t i = 0; i < n; ++i) ++y[rng() % C];
+  const int special = static_cast<int>(rng() % 8);
+  if (special == 1 && n > 0) z[rng() % (n * C)] = static_cast<T>(INFINITY);
+  if (special == 2 && n > 0) z[rng() % (n * C)] = static_cast<T>(-INFINITY);
+  if (special == 3 && n > 0) z[rng() % (n * C)] = static_cast<T>(NAN);
+  mlellp::multiclass::Lattice L;
+  if (!mlellp::multiclass::make_lattice(y.data(), C, int64_t(1) << 40, &L)) return;
+  const int64_t bytes = mlellp::multiclass::workspace_bytes<T>(n, C, L.states);
+  std::vector<double> ws(bytes / sizeof(double) + 1), ws_t(ws.size());
+  std::vector<T> phi(n * C, T(-7)), phi_t(n * C, T(-7));
+  const T ll = mlellp::multiclass::posterior_bag<T>(z.data(), n, C, L, reinterpret_cast<unsigned char*>(ws.data()),
+                                                    phi.data());
+  std::vector<T> lls(members);
+  run_team(members, [&](const ThreadTeam& team) {
+    lls[team.rank()] = mlellp::multiclass::posterior_bag_team(team, z.data(), n, C, L,
+                                                              reinterpret_cast<unsigned char*>(ws_t.data()), phi_t.data());
+  });
+  const double eps = std::is_same_v<T, float> ? 2e-6 : 1e-13;
+  auto same = [&](double got, double want, double tol, const char* what) {
+    if (std::isnan(want) ? !std::isnan(got) : !(got == want || std::fabs(got - want) <= tol)) {
+      std::printf("FAIL %s (case %d: n %ld, C %ld, scale %g, %d members): got %.9g, want %.9g\n", what, case_no,
+                  static_cast<long>(n), static_cast<long>(C), scale, members, got, want);
+      ++failures;
+      return false;
+    }
+    return true;
+  };
+  for (int r = 0; r < members; ++r) {
+    if (!same(lls[r], ll, eps * (1 + std::fabs(static_cast<double>(ll))), "multiclass team log_lik")) return;
+  }
+  for (int64_t t = 0; t < n * C; ++t) {
+    if (!same(phi_t[t], phi[t], std::is_same_v<T, float> ? 1e-5 : 1e-12, "multiclass team phi")) return;
+  }
+}
+
+// P(y) and phi of one multi-class bag by enumerating its C^n labelings (double).
+void enumerate_multiclass(const std::vector<double>& z, int64_t n, int64_t C, const std::vector<int64_t>& y,
+                          double* log_lik, std::vector<double>* phi) {
+  std::vector<double> logp(n * C);
+  for (int64_t i = 0; i < n; ++i) {
+    double mx = -INFINITY, s = 0;
+    for (int64_t c = 0; c < C; ++c) mx = std::max(mx, z[i * C + c]);
+    for (int64_t c = 0; c < C; ++c) s += std::exp(z[i * C + c] - mx);
+    for (int64_t c = 0; c < C; ++c) logp[i * C + c] = z[i * C + c] - mx - std::log(s);
+  }
+  int64_t total = 1;
+  for (int64_t i = 0; i < n; ++i) total *= C;
+  std::vector<double> lw;
+  std::vector<int64_t> codes;
+  for (int64_t code = 0; code < total; ++code) {
+    std::vector<int64_t> k(C, 0);
+    double w = 0;
+    for (int64_t i = 0, r = code; i < n; ++i, r /= C) {
+      ++k[r % C];
+      w += logp[i * C + r % C];
+    }
+    if (k == y) lw.push_back(w), codes.push_back(code);
+  }
+  double mx = -INFINITY, s = 0;
+  for (double v : lw) mx = std::max(mx, v);
+  for (double v : lw) s += std::exp(v - mx);
+  *log_lik = mx + std::log(s);
+  phi->assign(n * C, 0.0);
+  for (size_t m = 0; m < lw.size(); ++m) {
+    for (int64_t i = 0, r = codes[m]; i < n; ++i, r /= C) (*phi)[i * C + r % C] += std::exp(lw[m] - *log_lik);
+  }
+}
+
+void test_multiclass_teams() {
+  std::mt19937_64 rng(4242);
+  int case_no = 0;
+  for (double scale : {1.0, 8.0, 1000.0}) {
+    for (int64_t C : {2, 3, 4, 10}) {
+      for (int64_t n : {0, 1, 5, 16, 40}) {
+        if (C == 10 && n > 16) continue;  // (a lattice of up to ~1e5 states)
+        for (int members : {1, 3, 8, 64}) {
+          multiclass_team_case<double>(rng, n, C, scale, members, case_no++);
+          multiclass_team_case<float>(rng, n, C, scale, members, case_no++);
+        }
+      }
+    }
+  }
+  std::normal_distribution<double> normal(0.0, 3.0);
+  for (int bag = 0; bag < 200; ++bag) {
+    const int64_t C = 2 + bag % 3, n = 1 + bag % 6;
+    std::vector<double> z(n * C);
+    for (double& v : z) v = normal(rng) * (bag % 4 == 0 ? 40 : 1);
+    std::vector<int64_t> y(C, 0);
+    for (int64_t i = 0; i < n; ++i) ++y[rng() % C];
+    mlellp::multiclass::Lattice L;
+    mlellp::multiclass::make_lattice(y.data(), C, 1 << 20, &L);
+    std::vector<double> ws(mlellp::multiclass::workspace_bytes<double>(n, C, L.states) / sizeof(double)), phi(n * C);
+    const double ll = mlellp::multiclass::posterior_bag<double>(z.data(), n, C, L,
+                                                                reinterpret_cast<unsigned char*>(ws.data()), phi.data());
+    double ref_ll;
+    std::vector<double> ref_phi;
+    enumerate_multiclass(z, n, C, y, &ref_ll, &ref_phi);
+    expect_near(ll, ref_ll, 1e-10 * (1 + std::fabs(ref_ll)), "multiclass log_lik", bag);
+    for (int64_t t = 0; t < n * C; ++t) expect_near(phi[t], ref_phi[t], 1e-10, "multiclass phi", bag);
+  }
+}
+
+// bag_group.h's warp runner (variant 3 of bench/cuda_variants.cu) with host
+// thread teams of 1..32 against posterior_bag bag by bag, bit for bit: groups
+// staged and not (a buffer too small), bags it does not own (wide bands, large
+// workspaces) left alone, +-inf and large logits.
+void test_posterior_groups() {
+  std::mt19937_64 rng(515);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int members = std::vector<int>{1, 5, 16, 32}[trial % 4];
+    const int64_t num_bags = 1 + static_cast<int64_t>(rng() % 100);
+    std::vector<int64_t> off(1, 0), cnt;
+    for (int64_t b = 0; b < num_bags; ++b) {
+      const int64_t n = rng() % 10 == 0 ? 150 + static_cast<int64_t>(rng() % 40) : static_cast<int64_t>(rng() % 13);
+      off.push_back(off.back() + n);
+      cnt.push_back(static_cast<int64_t>(rng() % (n + 1)));
+    }
+    std::vector<float> z(off.back());
+    for (float& v : z) v = static_cast<float>(rng() % 20 == 0 ? normal(rng) * 100 : normal(rng));
+    if (!z.empty() && trial % 3 == 0) z[rng() % z.size()] = INFINITY;
+    std::vector<float> phi(z.size(), -7.f), ll(num_bags, -7.f), phi_g(z.size(), -7.f), ll_g(num_bags, -7.f);
+    const int64_t cap = trial % 2 == 0 ? 512 : 8;
+    std::vector<float> stage(2 * cap);
+    for (int64_t b0 = 0; b0 < num_bags; b0 += members) {
+      const int64_t b1 = std::min(num_bags, b0 + members);
+      run_team(members, [&](const ThreadTeam& team) {
+        mlellp::detail::posterior_group(team, z.data(), off.data(), cnt.data(), b0, b1, 64, stage.data(), cap,
+                                        phi_g.data(), ll_g.data());
+      });
+    }
+    for (int64_t b = 0; b < num_bags; ++b) {
+      const int64_t n = off[b + 1] - off[b];
+      if (!mlellp::detail::is_group_bag(n, cnt[b], 64)) {
+        if (ll_g[b] != -7.f) std::printf("FAIL group wrote a bag it does not own (trial %d)\n", trial), ++failures;
+        continue;
+      }
+      std::vector<float> ws(mlellp::detail::posterior_workspace(n, cnt[b], cnt[b]));
+      mlellp::detail::posterior_bag(mlellp::detail::SoloTeam(), z.data() + off[b], n, cnt[b], cnt[b],
+                                    phi.data() + off[b], ll.data() + b, ws.data());
+      bool same = std::memcmp(&ll[b], &ll_g[b], sizeof(float)) == 0 &&
+                  (n == 0 || std::memcmp(phi.data() + off[b], phi_g.data() + off[b], n * sizeof(float)) == 0);
+      if (!same) {
+        std::printf("FAIL group bag %ld (trial %d, %d members, cap %ld): log_lik %g vs %g\n", static_cast<long>(b),
+                    trial, members, static_cast<long>(cap), ll_g[b], ll[b]);
+        ++failures;
+        break;
+      }
+    }
+  }
+}
+
 void test_augment_teams() {
   std::mt19937 rng(7);
   const int64_t no_contrast[4] = {3, 0, 2, -1};  // hue, brightness, saturation: no reduction
@@ -382,6 +547,8 @@ void test_augment_teams() {
 int main() {
   test_augment_teams();
   test_posterior_teams();
+  test_multiclass_teams();
+  test_posterior_groups();
   test_multiclass_plan();
   test_weighted_against_enumeration();
   test_header_against_enumeration();
