@@ -9,7 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "bag_group.h"
-#include "bag_recursion.h"
+#include "posterior_bag.h"
 
 namespace {
 

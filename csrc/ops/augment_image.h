@@ -16,17 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "bag_recursion.h"  // MLELLP_HD, m_exp, SoloTeam
-
-// Every function here is inlined into its caller, so that the CPU kernel's
-// per-ISA clones (cpu/augment_images_cpu.cpp) compile all of it for their ISA.
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define MLELLP_AUG_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define MLELLP_AUG_HD inline __attribute__((always_inline))
-#else
-#define MLELLP_AUG_HD inline
-#endif
+#include "host_device.h"  // MLELLP_HD, m_exp, SoloTeam
 
 namespace mlellp {
 namespace detail {
@@ -35,17 +25,17 @@ namespace detail {
 enum JitterOp : int64_t { kBrightness = 0, kContrast = 1, kSaturation = 2, kHue = 3 };
 constexpr int kNumJitterOps = 4;
 
-template <typename T> MLELLP_AUG_HD T clamp01(T v) {
+template <typename T> MLELLP_HD T clamp01(T v) {
   // NaN passes through, as torch.clamp
   return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);
 }
 
-template <typename T> MLELLP_AUG_HD T gray(T r, T g, T b) {
+template <typename T> MLELLP_HD T gray(T r, T g, T b) {
   return T(0.2989) * r + T(0.587) * g + T(0.114) * b;
 }
 
 // Reflect padding of one pixel (torch's "reflect"); a side of one pixel repeats it.
-MLELLP_AUG_HD int64_t reflect_index(int64_t i, int64_t n) {
+MLELLP_HD int64_t reflect_index(int64_t i, int64_t n) {
   if (i < 0) return n > 1 ? -i : 0;
   if (i >= n) return n > 1 ? 2 * (n - 1) - i : 0;
   return i;
@@ -53,7 +43,7 @@ MLELLP_AUG_HD int64_t reflect_index(int64_t i, int64_t n) {
 
 // Branch-free (values chosen by ?:, no choice between computations) so that the host compiler vectorises the loop over pixels (with
 // -fno-trapping-math, which lets it compute both sides of a choice).
-template <typename T> MLELLP_AUG_HD void hue_pixel(T& r, T& g, T& b, T shift) {
+template <typename T> MLELLP_HD void hue_pixel(T& r, T& g, T& b, T shift) {
   // 0, or NaN that the result carries if any channel is NaN (the comparisons
   // below would otherwise pass over a NaN channel, as if the pixel were grey)
   const T nan_if_nan = (r + g + b) * T(0);
@@ -97,12 +87,12 @@ template <typename T> MLELLP_AUG_HD void hue_pixel(T& r, T& g, T& b, T shift) {
 // One image, planes r, g, b of hw pixels each, in place. Loops are strided by
 // the team (a constant 1 for SoloTeam, so the host compiler vectorises them).
 template <typename Team, typename T>
-MLELLP_AUG_HD void scale_pixels(const Team& team, T* x, int64_t count, T f) {
+MLELLP_HD void scale_pixels(const Team& team, T* x, int64_t count, T f) {
   for (int64_t p = team.rank(); p < count; p += team.size()) x[p] = clamp01(x[p] * f);
 }
 
 template <typename Team, typename T>
-MLELLP_AUG_HD void blend_gray_pixels(const Team& team, T* r, T* g, T* b, int64_t hw, T f, bool use_mean, T mean) {
+MLELLP_HD void blend_gray_pixels(const Team& team, T* r, T* g, T* b, int64_t hw, T f, bool use_mean, T mean) {
   const T keep = T(1) - f;
   for (int64_t p = team.rank(); p < hw; p += team.size()) {
     const T other = keep * (use_mean ? mean : gray(r[p], g[p], b[p]));
@@ -113,7 +103,7 @@ MLELLP_AUG_HD void blend_gray_pixels(const Team& team, T* r, T* g, T* b, int64_t
 }
 
 template <typename Team, typename T>
-MLELLP_AUG_HD T mean_gray(const Team& team, const T* r, const T* g, const T* b, int64_t hw) {
+MLELLP_HD T mean_gray(const Team& team, const T* r, const T* g, const T* b, int64_t hw) {
   double sum[1] = {0.0};
   for (int64_t p = team.rank(); p < hw; p += team.size()) sum[0] += static_cast<double>(gray(r[p], g[p], b[p]));
   team.reduce(sum, 1, [](int, double a, double c) { return a + c; });
@@ -122,7 +112,7 @@ MLELLP_AUG_HD T mean_gray(const Team& team, const T* r, const T* g, const T* b, 
 
 // A source value in [0, 1]: uint8 images are divided by 255 (torchvision's
 // to_dtype(..., scale=True)), floating ones taken as they are.
-template <typename T, typename S> MLELLP_AUG_HD T to_unit(S v) {
+template <typename T, typename S> MLELLP_HD T to_unit(S v) {
   if constexpr (std::is_same_v<S, uint8_t>) {
     return static_cast<T>(v) / T(255);
   } else {
@@ -133,7 +123,7 @@ template <typename T, typename S> MLELLP_AUG_HD T to_unit(S v) {
 // 3x3 blur (weights side, centre, side in both directions) of one plane at
 // source columns cl, cc, cr of rows up, mid, down: rows first, then columns.
 template <typename T, typename S>
-MLELLP_AUG_HD T blur_at(const S* up, const S* mid, const S* down, int64_t cl, int64_t cc, int64_t cr, T side,
+MLELLP_HD T blur_at(const S* up, const S* mid, const S* down, int64_t cl, int64_t cc, int64_t cr, T side,
                         T centre) {
   const T a = side * to_unit<T>(up[cl]) + centre * to_unit<T>(up[cc]) + side * to_unit<T>(up[cr]);
   const T m = side * to_unit<T>(mid[cl]) + centre * to_unit<T>(mid[cc]) + side * to_unit<T>(mid[cr]);
@@ -144,7 +134,7 @@ MLELLP_AUG_HD T blur_at(const S* up, const S* mid, const S* down, int64_t cl, in
 // Output pixel x of a row, flipped if flip and blurred if blur: the source
 // columns of x and of its neighbours in the (flipped) image, reflect-padded.
 template <typename T, typename S>
-MLELLP_AUG_HD T load_pixel(const S* up, const S* mid, const S* down, int64_t w, int64_t x, bool flip, bool blur,
+MLELLP_HD T load_pixel(const S* up, const S* mid, const S* down, int64_t w, int64_t x, bool flip, bool blur,
                            T side, T centre) {
   const int64_t cc = flip ? w - 1 - x : x;
   if (!blur) return to_unit<T>(mid[cc]);
@@ -155,7 +145,7 @@ MLELLP_AUG_HD T load_pixel(const S* up, const S* mid, const S* down, int64_t w, 
 // The flipped and blurred image into dst, by any team: pixel p = y * w + x of
 // every plane, (y, x) advanced by the team's stride without a division per pixel.
 template <typename Team, typename T, typename S>
-MLELLP_AUG_HD void load_image(const Team& team, const S* src, T* dst, int64_t h, int64_t w, bool flip, bool blur,
+MLELLP_HD void load_image(const Team& team, const S* src, T* dst, int64_t h, int64_t w, bool flip, bool blur,
                               T side, T centre) {
   const int64_t hw = h * w;
   const int64_t step_y = team.size() / w, step_x = team.size() - step_y * w;
@@ -178,7 +168,7 @@ MLELLP_AUG_HD void load_image(const Team& team, const S* src, T* dst, int64_t h,
 // The same values by one thread, row by row: the interior of a row (no
 // reflection) is a loop the host compiler vectorises.
 template <typename T, typename S>
-MLELLP_AUG_HD void load_image(const SoloTeam&, const S* src, T* dst, int64_t h, int64_t w, bool flip, bool blur,
+MLELLP_HD void load_image(const SoloTeam&, const S* src, T* dst, int64_t h, int64_t w, bool flip, bool blur,
                               T side, T centre) {
   const int64_t hw = h * w;
   for (int c = 0; c < 3; ++c) {
@@ -214,7 +204,7 @@ MLELLP_AUG_HD void load_image(const SoloTeam&, const S* src, T* dst, int64_t h, 
 // none); factors = (brightness, contrast, saturation, hue shift). The caller
 // has checked the values.
 template <typename Team, typename T, typename S>
-MLELLP_AUG_HD void augment_image(const Team& team, const S* src, T* dst, int64_t h, int64_t w, bool flip, T sigma,
+MLELLP_HD void augment_image(const Team& team, const S* src, T* dst, int64_t h, int64_t w, bool flip, T sigma,
                                  const int64_t* order, const T* factors) {
   const int64_t hw = h * w;
   const bool blur = sigma > T(0);

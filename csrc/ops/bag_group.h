@@ -13,7 +13,7 @@
 // thread teams of 1..32 against posterior_bag, bit for bit.
 #pragma once
 
-#include "bag_recursion.h"
+#include "posterior_bag.h"
 
 namespace mlellp {
 namespace detail {

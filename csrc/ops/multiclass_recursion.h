@@ -49,14 +49,9 @@
 // compute the same a and g bit for bit; phi's sums run in another order.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define MLELLP_MC_HD __host__ __device__ __forceinline__
-#else
-#define MLELLP_MC_HD inline
-#endif
+#include "host_device.h"
 
 namespace mlellp {
 namespace multiclass {
@@ -67,20 +62,14 @@ constexpr int kMaxActive = 62;
 // Largest bound (see above) for the plain path: exp(-650) ~ 5e-283 > DBL_MIN
 // (2.2e-308) and exp(-80) ~ 1.8e-35 > FLT_MIN (1.2e-38), with room for the
 // sums' rounding.
-template <typename T> MLELLP_MC_HD double plain_bound();
-template <> MLELLP_MC_HD double plain_bound<double>() { return 650.0; }
-template <> MLELLP_MC_HD double plain_bound<float>() { return 80.0; }
+template <typename T> MLELLP_HD double plain_bound();
+template <> MLELLP_HD double plain_bound<double>() { return 650.0; }
+template <> MLELLP_HD double plain_bound<float>() { return 80.0; }
 // A team reduces the phi of this many classes at once (its shared buffer).
 constexpr int kTeamReduce = 4;
 
-template <typename T> MLELLP_MC_HD T mc_exp(T x);
-template <> MLELLP_MC_HD float mc_exp<float>(float x) { return ::expf(x); }
-template <> MLELLP_MC_HD double mc_exp<double>(double x) { return ::exp(x); }
-template <typename T> MLELLP_MC_HD T mc_log(T x);
-template <> MLELLP_MC_HD float mc_log<float>(float x) { return ::logf(x); }
-template <> MLELLP_MC_HD double mc_log<double>(double x) { return ::log(x); }
-template <typename T> MLELLP_MC_HD T mc_inf() { return static_cast<T>(INFINITY); }
-template <typename T> MLELLP_MC_HD T mc_nan() { return static_cast<T>(NAN); }
+using detail::m_exp;
+using detail::m_log;
 
 // The active classes of count vector y (C entries): their indices, counts and
 // mixed-radix strides. Returns the state count S = prod (y_c + 1), or -1 when
@@ -93,7 +82,7 @@ struct Lattice {
   int64_t states;
 };
 
-MLELLP_MC_HD bool make_lattice(const int64_t* y, int64_t C, int64_t max_states, Lattice* L) {
+MLELLP_HD bool make_lattice(const int64_t* y, int64_t C, int64_t max_states, Lattice* L) {
   L->active = 0;
   int64_t states = 1;
   for (int64_t c = 0; c < C; ++c) {
@@ -113,28 +102,28 @@ MLELLP_MC_HD bool make_lattice(const int64_t* y, int64_t C, int64_t max_states, 
 // puts log(1/m) on them and -inf elsewhere (a certain class); a row of all -inf
 // or holding a NaN has no distribution: NaN everywhere (its bag becomes NaN).
 template <typename T, typename In>
-MLELLP_MC_HD void log_softmax_row(const In* z, int64_t C, T* out) {
-  T mx = -mc_inf<T>();
+MLELLP_HD void log_softmax_row(const In* z, int64_t C, T* out) {
+  T mx = -detail::inf_value<T>();
   int64_t n_posinf = 0;
   bool nan = false;
   for (int64_t c = 0; c < C; ++c) {
     const T v = static_cast<T>(z[c]);
     if (v != v) nan = true;
     if (v > mx) mx = v;
-    if (v == mc_inf<T>()) ++n_posinf;
+    if (v == detail::inf_value<T>()) ++n_posinf;
   }
-  if (nan || mx == -mc_inf<T>()) {
-    for (int64_t c = 0; c < C; ++c) out[c] = mc_nan<T>();
+  if (nan || mx == -detail::inf_value<T>()) {
+    for (int64_t c = 0; c < C; ++c) out[c] = detail::nan_value<T>();
     return;
   }
   if (n_posinf > 0) {
-    const T l = -mc_log<T>(static_cast<T>(n_posinf));
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<T>(z[c]) == mc_inf<T>() ? l : -mc_inf<T>();
+    const T l = -m_log(static_cast<T>(n_posinf));
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<T>(z[c]) == detail::inf_value<T>() ? l : -detail::inf_value<T>();
     return;
   }
   T s = 0;
-  for (int64_t c = 0; c < C; ++c) s += mc_exp<T>(static_cast<T>(z[c]) - mx);
-  const T ls = mc_log<T>(s);
+  for (int64_t c = 0; c < C; ++c) s += m_exp(static_cast<T>(z[c]) - mx);
+  const T ls = m_log(s);
   for (int64_t c = 0; c < C; ++c) out[c] = static_cast<T>(z[c]) - mx - ls;
 }
 
@@ -147,15 +136,15 @@ constexpr int kRowOk = 0, kRowImpossible = 1, kRowNan = 2;
 // Returns kRowNan for a row without a distribution, kRowImpossible when every
 // active class has probability 0.
 template <typename T, typename In>
-MLELLP_MC_HD int shift_row(const In* z, int64_t C, const Lattice& L, T* lq, double* scale, double* worst) {
+MLELLP_HD int shift_row(const In* z, int64_t C, const Lattice& L, T* lq, double* scale, double* worst) {
   log_softmax_row<T>(z, C, lq);
   if (lq[0] != lq[0]) return kRowNan;  // log_softmax_row makes a bad row NaN throughout
-  T mx = -mc_inf<T>();
+  T mx = -detail::inf_value<T>();
   for (int j = 0; j < L.active; ++j) mx = lq[L.cls[j]] > mx ? lq[L.cls[j]] : mx;
-  if (mx == -mc_inf<T>()) return kRowImpossible;
+  if (mx == -detail::inf_value<T>()) return kRowImpossible;
   T sum = 0;
-  for (int j = 0; j < L.active; ++j) sum += mc_exp<T>(lq[L.cls[j]] - mx);
-  const T lse = mx + mc_log<T>(sum);
+  for (int j = 0; j < L.active; ++j) sum += m_exp(lq[L.cls[j]] - mx);
+  const T lse = mx + m_log(sum);
   double w = 0;
   for (int j = 0; j < L.active; ++j) {
     lq[L.cls[j]] -= lse;
@@ -169,7 +158,7 @@ MLELLP_MC_HD int shift_row(const In* z, int64_t C, const Lattice& L, T* lq, doub
 
 // Odometer steps over the lattice: k and its layer |k| move to the next
 // (previous) mixed-radix index.
-MLELLP_MC_HD void next_state(const Lattice& L, int64_t* k, int64_t* layer) {
+MLELLP_HD void next_state(const Lattice& L, int64_t* k, int64_t* layer) {
   int j = 0;
   while (k[j] == L.y[j]) {
     *layer -= k[j];
@@ -180,7 +169,7 @@ MLELLP_MC_HD void next_state(const Lattice& L, int64_t* k, int64_t* layer) {
   ++*layer;
 }
 
-MLELLP_MC_HD void previous_state(const Lattice& L, int64_t* k, int64_t* layer) {
+MLELLP_HD void previous_state(const Lattice& L, int64_t* k, int64_t* layer) {
   int j = 0;
   while (k[j] == 0) {
     k[j] = L.y[j];
@@ -195,7 +184,7 @@ MLELLP_MC_HD void previous_state(const Lattice& L, int64_t* k, int64_t* layer) {
 // at the active classes); alpha, beta: S entries each; phi: n x C, accumulated
 // (zeroed by the caller). Returns log a(y) (the caller adds the shift back).
 template <typename T>
-MLELLP_MC_HD T bag_plain(const T* q, int64_t n, int64_t C, const Lattice& L, T* alpha, T* beta, T* phi) {
+MLELLP_HD T bag_plain(const T* q, int64_t n, int64_t C, const Lattice& L, T* alpha, T* beta, T* phi) {
   const int64_t S = L.states;
   int64_t k[kMaxActive];
   for (int j = 0; j < L.active; ++j) k[j] = 0;
@@ -229,14 +218,14 @@ MLELLP_MC_HD T bag_plain(const T* q, int64_t n, int64_t C, const Lattice& L, T* 
     }
     beta[s] = g;
   }
-  return mc_log<T>(total);
+  return m_log(total);
 }
 
 // One bag in log space, in T. logp: n x C; alpha, beta: S entries; phi: n x C
 // accumulated (zeroed by the caller). Returns log P(y); -inf leaves phi as the
 // caller must then overwrite (NaN).
 template <typename T>
-MLELLP_MC_HD T bag_log(const T* logp, int64_t n, int64_t C, const Lattice& L, T* alpha, T* beta, T* phi) {
+MLELLP_HD T bag_log(const T* logp, int64_t n, int64_t C, const Lattice& L, T* alpha, T* beta, T* phi) {
   const int64_t S = L.states;
   int64_t k[kMaxActive];
   T term[kMaxActive];
@@ -246,44 +235,44 @@ MLELLP_MC_HD T bag_log(const T* logp, int64_t n, int64_t C, const Lattice& L, T*
   for (int64_t s = 1; s < S; ++s) {
     next_state(L, k, &layer);
     const T* lp = logp + (layer - 1) * C;
-    T mx = -mc_inf<T>();
+    T mx = -detail::inf_value<T>();
     for (int j = 0; j < L.active; ++j) {
-      term[j] = k[j] > 0 ? alpha[s - L.stride[j]] + lp[L.cls[j]] : -mc_inf<T>();
+      term[j] = k[j] > 0 ? alpha[s - L.stride[j]] + lp[L.cls[j]] : -detail::inf_value<T>();
       if (term[j] > mx) mx = term[j];
     }
-    if (mx == -mc_inf<T>()) {
+    if (mx == -detail::inf_value<T>()) {
       alpha[s] = mx;
       continue;
     }
     T sum = 0;
-    for (int j = 0; j < L.active; ++j) sum += mc_exp<T>(term[j] - mx);
-    alpha[s] = mx + mc_log<T>(sum);
+    for (int j = 0; j < L.active; ++j) sum += m_exp(term[j] - mx);
+    alpha[s] = mx + m_log(sum);
   }
   const T total = alpha[S - 1];
-  if (total == -mc_inf<T>()) return total;
+  if (total == -detail::inf_value<T>()) return total;
   beta[S - 1] = 0;
   for (int64_t s = S - 2; s >= 0; --s) {
     previous_state(L, k, &layer);
     const T* lp = logp + layer * C;
-    T mx = -mc_inf<T>();
+    T mx = -detail::inf_value<T>();
     for (int j = 0; j < L.active; ++j) {
-      term[j] = k[j] < L.y[j] ? lp[L.cls[j]] + beta[s + L.stride[j]] : -mc_inf<T>();
+      term[j] = k[j] < L.y[j] ? lp[L.cls[j]] + beta[s + L.stride[j]] : -detail::inf_value<T>();
       if (term[j] > mx) mx = term[j];
     }
-    if (mx == -mc_inf<T>()) {
+    if (mx == -detail::inf_value<T>()) {
       beta[s] = mx;
       continue;
     }
     T sum = 0;
     for (int j = 0; j < L.active; ++j) {
-      term[j] = mc_exp<T>(term[j] - mx);  // in [0, 1]
+      term[j] = m_exp(term[j] - mx);  // in [0, 1]
       sum += term[j];
     }
-    beta[s] = mx + mc_log<T>(sum);
-    if (alpha[s] == -mc_inf<T>()) continue;
+    beta[s] = mx + m_log(sum);
+    if (alpha[s] == -detail::inf_value<T>()) continue;
     // a(k) p_ic g(k + e_c) / P(y) = term_j * exp(a(k) + mx - log P(y)), and
     // a(k) + mx <= a(k) + g(k) <= log P(y): the factor is at most 1.
-    const T w = mc_exp<T>(alpha[s] + mx - total);
+    const T w = m_exp(alpha[s] + mx - total);
     T* phi_i = phi + layer * C;
     for (int j = 0; j < L.active; ++j) phi_i[L.cls[j]] += w * term[j];
   }
@@ -295,7 +284,7 @@ MLELLP_MC_HD T bag_log(const T* logp, int64_t n, int64_t C, const Lattice& L, T*
 // no entry exceeds 1 (in log space each num_ic carries a relative error of about
 // eps |log P(y)|, which the shared P(y) would pass on to the row sums).
 template <typename T>
-MLELLP_MC_HD void rows_to_one(T* phi, int64_t n, int64_t C) {
+MLELLP_HD void rows_to_one(T* phi, int64_t n, int64_t C) {
   for (int64_t i = 0; i < n; ++i) {
     double sum = 0;
     for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(phi[i * C + c]);
@@ -307,7 +296,7 @@ MLELLP_MC_HD void rows_to_one(T* phi, int64_t n, int64_t C) {
 // Workspace of one bag, in bytes: the shifted rows as logarithms and as
 // numbers (n x C of T each) and the two tables (S of T each).
 template <typename T>
-MLELLP_MC_HD int64_t workspace_bytes(int64_t n, int64_t C, int64_t states) {
+MLELLP_HD int64_t workspace_bytes(int64_t n, int64_t C, int64_t states) {
   return (2 * n * C + 2 * states) * static_cast<int64_t>(sizeof(T));
 }
 
@@ -317,7 +306,7 @@ MLELLP_MC_HD int64_t workspace_bytes(int64_t n, int64_t C, int64_t states) {
 // count (0 where not). The checks of check_multiclass_values_host as a flag:
 // the host check names what is wrong once a flag is set.
 template <typename T>
-MLELLP_MC_HD bool plan_bag(const int64_t* y, int64_t C, int64_t n, int64_t max_states, int64_t* bytes,
+MLELLP_HD bool plan_bag(const int64_t* y, int64_t C, int64_t n, int64_t max_states, int64_t* bytes,
                            int64_t* states = nullptr) {
   *bytes = 0;
   if (states != nullptr) *states = 0;
@@ -338,23 +327,23 @@ MLELLP_MC_HD bool plan_bag(const int64_t* y, int64_t C, int64_t n, int64_t max_s
 template <typename T>
 struct Workspace {
   T *lq, *q, *alpha, *beta;
-  MLELLP_MC_HD Workspace(unsigned char* work, int64_t n, int64_t C, int64_t states)
+  MLELLP_HD Workspace(unsigned char* work, int64_t n, int64_t C, int64_t states)
       : lq(reinterpret_cast<T*>(work)), q(lq + n * C), alpha(q + n * C), beta(alpha + states) {}
 };
 
 // A bag that is not computed: its log-likelihood (NaN for a NaN row, -inf for
 // an impossible bag), its phi NaN (members [rank, rank + step, ...] of n x C).
 template <typename T>
-MLELLP_MC_HD T bag_not_computed(int status, int64_t n, int64_t C, T* phi, int64_t rank = 0, int64_t step = 1) {
-  for (int64_t t = rank; t < n * C; t += step) phi[t] = mc_nan<T>();
-  return status == kRowNan ? mc_nan<T>() : -mc_inf<T>();
+MLELLP_HD T bag_not_computed(int status, int64_t n, int64_t C, T* phi, int64_t rank = 0, int64_t step = 1) {
+  for (int64_t t = rank; t < n * C; t += step) phi[t] = detail::nan_value<T>();
+  return status == kRowNan ? detail::nan_value<T>() : -detail::inf_value<T>();
 }
 
 // The whole E-step of one bag by one thread: z (n x C logits, row-major), its
 // lattice L, and a workspace of workspace_bytes<T>(n, C, L.states) bytes
 // aligned for T. Writes phi (n x C, in T) and returns log P(y).
 template <typename T, typename In>
-MLELLP_MC_HD T posterior_bag(const In* z, int64_t n, int64_t C, const Lattice& L, unsigned char* work, T* phi) {
+MLELLP_HD T posterior_bag(const In* z, int64_t n, int64_t C, const Lattice& L, unsigned char* work, T* phi) {
   Workspace<T> ws(work, n, C, L.states);
   double scale = 0, bound = 0;
   int status = kRowOk;
@@ -370,12 +359,12 @@ MLELLP_MC_HD T posterior_bag(const In* z, int64_t n, int64_t C, const Lattice& L
   T ll;
   if (bound <= plain_bound<T>()) {
     for (int64_t i = 0; i < n; ++i) {
-      for (int j = 0; j < L.active; ++j) ws.q[i * C + L.cls[j]] = mc_exp<T>(ws.lq[i * C + L.cls[j]]);
+      for (int j = 0; j < L.active; ++j) ws.q[i * C + L.cls[j]] = m_exp(ws.lq[i * C + L.cls[j]]);
     }
     ll = bag_plain<T>(ws.q, n, C, L, ws.alpha, ws.beta, phi);
   } else {
     ll = bag_log<T>(ws.lq, n, C, L, ws.alpha, ws.beta, phi);
-    if (ll == -mc_inf<T>()) return bag_not_computed<T>(kRowImpossible, n, C, phi);
+    if (ll == -detail::inf_value<T>()) return bag_not_computed<T>(kRowImpossible, n, C, phi);
   }
   rows_to_one(phi, n, C);
   return ll + static_cast<T>(scale);
@@ -390,7 +379,7 @@ MLELLP_MC_HD T posterior_bag(const In* z, int64_t n, int64_t C, const Lattice& L
 // deterministic order), as bag_recursion.h's teams.
 
 // Decodes state s: its counts k and layer |k|.
-MLELLP_MC_HD void decode_state(const Lattice& L, int64_t s, int64_t* k, int64_t* layer) {
+MLELLP_HD void decode_state(const Lattice& L, int64_t s, int64_t* k, int64_t* layer) {
   *layer = 0;
   for (int j = 0; j < L.active; ++j) {
     k[j] = (s / L.stride[j]) % (L.y[j] + 1);
@@ -400,7 +389,7 @@ MLELLP_MC_HD void decode_state(const Lattice& L, int64_t s, int64_t* k, int64_t*
 
 // Calls visit(s, k) for each of the member's states in layer l.
 template <typename Fn>
-MLELLP_MC_HD void visit_layer(const Lattice& L, int64_t s0, int64_t s1, int64_t l, Fn visit) {
+MLELLP_HD void visit_layer(const Lattice& L, int64_t s0, int64_t s1, int64_t l, Fn visit) {
   if (s0 >= s1) return;
   int64_t k[kMaxActive];
   int64_t layer;
@@ -414,36 +403,36 @@ MLELLP_MC_HD void visit_layer(const Lattice& L, int64_t s0, int64_t s1, int64_t 
 
 // a(k) of one state from layer l - 1 (plain or log).
 template <typename T>
-MLELLP_MC_HD T alpha_at(bool plain, const Lattice& L, const T* alpha, const T* row, int64_t s, const int64_t* k) {
+MLELLP_HD T alpha_at(bool plain, const Lattice& L, const T* alpha, const T* row, int64_t s, const int64_t* k) {
   T term[kMaxActive];
-  T mx = -mc_inf<T>(), sum = 0;
+  T mx = -detail::inf_value<T>(), sum = 0;
   for (int j = 0; j < L.active; ++j) {
     if (plain) {
       if (k[j] > 0) sum += alpha[s - L.stride[j]] * row[L.cls[j]];
     } else {
-      term[j] = k[j] > 0 ? alpha[s - L.stride[j]] + row[L.cls[j]] : -mc_inf<T>();
+      term[j] = k[j] > 0 ? alpha[s - L.stride[j]] + row[L.cls[j]] : -detail::inf_value<T>();
       mx = term[j] > mx ? term[j] : mx;
     }
   }
   if (plain) return sum;
-  if (mx == -mc_inf<T>()) return mx;
-  for (int j = 0; j < L.active; ++j) sum += mc_exp<T>(term[j] - mx);
-  return mx + mc_log<T>(sum);
+  if (mx == -detail::inf_value<T>()) return mx;
+  for (int j = 0; j < L.active; ++j) sum += m_exp(term[j] - mx);
+  return mx + m_log(sum);
 }
 
 // g(k) of one state from layer l + 1, adding its phi terms to acc (the same
 // terms as bag_plain / bag_log).
 template <typename T>
-MLELLP_MC_HD T beta_at(bool plain, const Lattice& L, const T* alpha, const T* beta, const T* row, T total, int64_t s,
+MLELLP_HD T beta_at(bool plain, const Lattice& L, const T* alpha, const T* beta, const T* row, T total, int64_t s,
                        const int64_t* k, T* acc) {
   T term[kMaxActive];
-  T mx = -mc_inf<T>(), sum = 0;
+  T mx = -detail::inf_value<T>(), sum = 0;
   for (int j = 0; j < L.active; ++j) {
     if (plain) {
       term[j] = k[j] < L.y[j] ? row[L.cls[j]] * beta[s + L.stride[j]] : T(0);
       sum += term[j];
     } else {
-      term[j] = k[j] < L.y[j] ? row[L.cls[j]] + beta[s + L.stride[j]] : -mc_inf<T>();
+      term[j] = k[j] < L.y[j] ? row[L.cls[j]] + beta[s + L.stride[j]] : -detail::inf_value<T>();
       mx = term[j] > mx ? term[j] : mx;
     }
   }
@@ -452,21 +441,21 @@ MLELLP_MC_HD T beta_at(bool plain, const Lattice& L, const T* alpha, const T* be
     for (int j = 0; j < L.active; ++j) acc[j] += w * term[j];
     return sum;
   }
-  if (mx == -mc_inf<T>()) return mx;
+  if (mx == -detail::inf_value<T>()) return mx;
   for (int j = 0; j < L.active; ++j) {
-    term[j] = mc_exp<T>(term[j] - mx);
+    term[j] = m_exp(term[j] - mx);
     sum += term[j];
   }
-  if (alpha[s] != -mc_inf<T>()) {
-    const T w = mc_exp<T>(alpha[s] + mx - total);
+  if (alpha[s] != -detail::inf_value<T>()) {
+    const T w = m_exp(alpha[s] + mx - total);
     for (int j = 0; j < L.active; ++j) acc[j] += w * term[j];
   }
-  return mx + mc_log<T>(sum);
+  return mx + m_log(sum);
 }
 
 // Shifts the rows (team-strided) and agrees on the bag's status, shift and bound.
 template <typename Team, typename T, typename In>
-MLELLP_MC_HD void shift_rows_team(const Team& team, const In* z, int64_t n, int64_t C, const Lattice& L, T* lq,
+MLELLP_HD void shift_rows_team(const Team& team, const In* z, int64_t n, int64_t C, const Lattice& L, T* lq,
                                   double* stats) {
   stats[0] = 0, stats[1] = 0, stats[2] = kRowOk;  // shift, bound, status
   for (int64_t i = team.rank(); i < n; i += team.size()) {
@@ -482,7 +471,7 @@ MLELLP_MC_HD void shift_rows_team(const Team& team, const In* z, int64_t n, int6
 // The whole E-step of one bag by a team; the arguments of posterior_bag. Every
 // member returns log P(y).
 template <typename Team, typename T, typename In>
-MLELLP_MC_HD T posterior_bag_team(const Team& team, const In* z, int64_t n, int64_t C, const Lattice& L,
+MLELLP_HD T posterior_bag_team(const Team& team, const In* z, int64_t n, int64_t C, const Lattice& L,
                                   unsigned char* work, T* phi) {
   Workspace<T> ws(work, n, C, L.states);
   double stats[3];
@@ -493,7 +482,7 @@ MLELLP_MC_HD T posterior_bag_team(const Team& team, const In* z, int64_t n, int6
   const T* rows = plain ? ws.q : ws.lq;
   for (int64_t t = team.rank(); t < n * C; t += team.size()) {
     phi[t] = 0;
-    if (plain) ws.q[t] = mc_exp<T>(ws.lq[t]);  // (inactive entries too: unread)
+    if (plain) ws.q[t] = m_exp(ws.lq[t]);  // (inactive entries too: unread)
   }
   const int64_t S = L.states, per = (S + team.size() - 1) / team.size();
   const int64_t s0 = team.rank() * per < S ? team.rank() * per : S, s1 = s0 + per < S ? s0 + per : S;
@@ -505,7 +494,7 @@ MLELLP_MC_HD T posterior_bag_team(const Team& team, const In* z, int64_t n, int6
     team.sync();
   }
   const T total = ws.alpha[S - 1];
-  if (!plain && total == -mc_inf<T>()) {  // (phi's zeroing was before the layers' syncs)
+  if (!plain && total == -detail::inf_value<T>()) {  // (phi's zeroing was before the layers' syncs)
     return bag_not_computed<T>(kRowImpossible, n, C, phi, team.rank(), team.size());
   }
   if (team.rank() == 0) ws.beta[S - 1] = plain ? T(1) : T(0);
@@ -529,7 +518,7 @@ MLELLP_MC_HD T posterior_bag_team(const Team& team, const In* z, int64_t n, int6
   }
   team.sync();
   for (int64_t i = team.rank(); i < n; i += team.size()) rows_to_one(phi + i * C, 1, C);
-  return (plain ? mc_log<T>(total) : total) + static_cast<T>(stats[0]);
+  return (plain ? m_log(total) : total) + static_cast<T>(stats[0]);
 }
 
 }  // namespace multiclass

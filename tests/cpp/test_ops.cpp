@@ -15,9 +15,12 @@
 
 #include "augment_image.h"
 #include "bag_group.h"
-#include "bag_recursion.h"
 #include "checks.h"
+#include "log_pmf_bag.h"
 #include "multiclass_recursion.h"
+#include "phi_jvp_bag.h"
+#include "posterior_bag.h"
+#include "posterior_weighted_bag.h"
 
 namespace {
 

@@ -19,14 +19,16 @@ constexpr int64_t kGrainImages = 16;
 // AVX-512 and picks one at load time (measured: hue 5x faster with AVX-512).
 // The arithmetic is IEEE and uncontracted in every clone: results are the same.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MLELLP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// flatten: the shared per-pixel functions are inlined into each clone, so that
+// they too are compiled for its ISA.
+#define MLELLP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
 #else
 #define MLELLP_CPU_CLONES
 #endif
 
 template <typename T, typename S>
-MLELLP_AUG_HD void augment_range(const S* src, T* dst, int64_t h, int64_t w, const bool* flip, const T* sigma,
-                                 const int64_t* order, const T* factors, int64_t begin, int64_t end) {
+inline void augment_range(const S* src, T* dst, int64_t h, int64_t w, const bool* flip, const T* sigma,
+                          const int64_t* order, const T* factors, int64_t begin, int64_t end) {
   const int64_t size = 3 * h * w;
   detail::SoloTeam solo;
   for (int64_t i = begin; i < end; ++i) {

@@ -4,8 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../bag_recursion.h"
 #include "../checks.h"
+#include "../log_pmf_bag.h"
 
 namespace mlellp {
 namespace {

@@ -5,8 +5,8 @@
 
 #include <vector>
 
-#include "../bag_recursion.h"
 #include "../checks.h"
+#include "../phi_jvp_bag.h"
 
 namespace mlellp {
 namespace {

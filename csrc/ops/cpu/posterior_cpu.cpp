@@ -14,8 +14,10 @@
 #include <thread>
 #include <vector>
 
-#include "../bag_recursion.h"
 #include "../checks.h"
+#include "../posterior_bag.h"
+#include "lanes.h"
+#include "thread_team.h"
 
 #if defined(__GNUC__)
 #define MLELLP_ALWAYS_INLINE __attribute__((always_inline)) inline
@@ -25,6 +27,9 @@
 
 namespace mlellp {
 namespace {
+
+using cpu::SpinBarrier;
+using cpu::ThreadTeam;
 
 // Bags per task of posterior_backward: a bag costs a few ns per instance,
 // so tasks need many of them.
@@ -40,61 +45,6 @@ int64_t team_min_width() {
   const char* env = std::getenv("MLELLP_TEAM_MIN_WIDTH");
   return env != nullptr ? std::atoll(env) : 32768;
 }
-
-// A barrier that spins briefly before yielding: a team synchronises a few
-// times per row, every few microseconds, which a sleeping barrier (futex
-// wake-up) would dominate.
-class SpinBarrier {
- public:
-  explicit SpinBarrier(int count) : count_(count) {}
-  void arrive_and_wait() {
-    const int generation = generation_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == count_ - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins > 2000) std::this_thread::yield();
-    }
-  }
-
- private:
-  const int count_;
-  std::atomic<int> arrived_{0};
-  std::atomic<int> generation_{0};
-};
-
-// The CPU team of bag_recursion.h: `size` std::threads with a barrier.
-// Reductions go through a shared double buffer (two halves used in turn, so
-// one barrier per reduction suffices) and combine members in rank order.
-class ThreadTeam {
- public:
-  static constexpr int kMaxValues = 3;
-  ThreadTeam(int rank, int size, SpinBarrier* barrier, double* buffer)
-      : rank_(rank), size_(size), barrier_(barrier), buffer_(buffer) {}
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-  void sync() const { barrier_->arrive_and_wait(); }
-  template <typename T, typename Op>
-  void reduce(T* values, int count, Op op) const {
-    double* half = buffer_ + parity_ * kMaxValues * size_;
-    for (int j = 0; j < count; ++j) half[j * size_ + rank_] = static_cast<double>(values[j]);
-    sync();
-    for (int j = 0; j < count; ++j) {
-      T acc = static_cast<T>(half[j * size_]);
-      for (int m = 1; m < size_; ++m) acc = op(j, acc, static_cast<T>(half[j * size_ + m]));
-      values[j] = acc;
-    }
-    parity_ ^= 1;
-  }
-
- private:
-  int rank_, size_;
-  SpinBarrier* barrier_;
-  double* buffer_;
-  mutable int parity_ = 0;
-};
 
 // Runs one bag with `threads` threads (the caller's among them).
 template <typename T>

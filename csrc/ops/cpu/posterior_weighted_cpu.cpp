@@ -10,8 +10,8 @@
 #include <tuple>
 #include <vector>
 
-#include "../bag_recursion.h"
 #include "../checks.h"
+#include "../posterior_weighted_bag.h"
 
 namespace mlellp {
 namespace {

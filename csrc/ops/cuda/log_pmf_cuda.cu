@@ -6,8 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../bag_recursion.h"
 #include "../checks.h"
+#include "../log_pmf_bag.h"
 
 namespace mlellp {
 namespace {

@@ -8,8 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../bag_recursion.h"
 #include "../checks.h"
+#include "../posterior_bag.h"
 #include "bag_launch.cuh"
 #include "block_team.cuh"
 

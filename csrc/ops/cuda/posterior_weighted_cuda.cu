@@ -17,8 +17,8 @@
 #include <algorithm>
 #include <tuple>
 
-#include "../bag_recursion.h"
 #include "../checks.h"
+#include "../posterior_weighted_bag.h"
 #include "bag_launch.cuh"
 #include "block_team.cuh"
 
