@@ -2,7 +2,10 @@
 counts, uncertain counts, Pipelines, DataFrames), its errors, and scikit-learn's own
 estimator checks where they apply."""
 import itertools
+import os
 import re
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -19,6 +22,8 @@ from sklearn.preprocessing import StandardScaler
 
 from mlellp_ext import count_weights
 from mlellp_ext.sklearn import EMClassifier, ProportionClassifier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,24 +152,23 @@ def test_em_beats_proportions_with_a_flexible_model(rng):
     assert em.log_likelihood_[-1] > em.log_likelihood_[0]
 
 
-def test_real_table_within_005_of_supervised(rng):
-    # Extramarital affairs survey (Fair 1978), 6,366 rows, shipped inside statsmodels:
-    # random bags of 8..32 of 80% of it; test AUC against each model trained on the
-    # instance labels of the same rows.
-    sm = pytest.importorskip("statsmodels.api", reason="the real table ships with statsmodels (requirements.txt)")
-    frame = sm.datasets.fair.load_pandas().data
-    y = (frame.pop("affairs").to_numpy() > 0).astype(int)
-    X = frame.to_numpy()
-    test = rng.permutation(len(y))[: len(y) // 5]
-    train = np.setdiff1d(np.arange(len(y)), test)
-    bags = make_bags(rng, len(train), 8, 32)
-    counts = bag_counts(bags, y[train])
-    for estimator, em_iterations in [(LogisticRegression(max_iter=1000), 10),
-                                     (HistGradientBoostingClassifier(max_iter=100), 6)]:
-        em = EMClassifier(estimator, max_iter=em_iterations, random_state=0).fit(X[train], counts, bags=bags)
-        supervised = clone(estimator).fit(X[train], y[train])
-        gap = auc(supervised, X[test], y[test]) - auc(em, X[test], y[test])
-        assert gap < 0.05, (estimator, gap)
+def test_example_on_a_real_table():
+    # examples/tabular.py: the Fair affairs survey (6,366 rows, shipped inside
+    # statsmodels) in random bags of 8..32. Each EM within 0.05 test AUC of the same
+    # model trained on instance labels, and EM with the trees well above the
+    # proportion baseline (what EM would be if the E-step stopped informing the M-step).
+    pytest.importorskip("statsmodels", reason="the real table ships with statsmodels (requirements.txt)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tree fits on a loaded 2-core machine: see one_thread
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "tabular.py")], capture_output=True,
+                         text=True, timeout=600, check=True, env=env).stdout
+    found = re.findall(r"^(.+): EM test AUC ([0-9.]+) .*proportions ([0-9.]+), supervised ([0-9.]+)$", out, re.M)
+    aucs = {name: tuple(map(float, v)) for name, *v in found}
+    assert set(aucs) == {"logistic regression", "gradient boosting"}, out
+    for name, (em, proportions, supervised) in aucs.items():
+        assert em > supervised - 0.05, out
+    em, proportions, _ = aucs["gradient boosting"]
+    assert em > proportions + 0.03, out
+    assert float(re.search(r"epsilon = 1: EM test AUC ([0-9.]+)", out).group(1)) > 0.65, out
 
 
 def test_pipeline_with_metadata_routing(rng):
@@ -201,8 +205,7 @@ def test_multiclass_count_vectors(rng):
     acc = {name: (m.predict(X[2500:]) == y[2500:]).mean() for name, m in
            [("em", em), ("base", base), ("supervised", supervised)]}
     assert em.predict_proba(X[:4]).shape == (4, 3) and list(em.classes_) == [0, 1, 2]
-    assert acc["em"] > acc["supervised"] - 0.06, acc
-    # Proportions as targets shrink every prediction toward the mean (it still ranks).
+    assert acc["em"] > acc["supervised"] - 0.06 and acc["em"] >= acc["base"] - 0.02, acc
     assert em.log_likelihood_[-1] > em.log_likelihood_[0]
 
 
