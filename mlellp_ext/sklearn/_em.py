@@ -37,11 +37,9 @@ class ProportionClassifier(ClassifierMixin, BaseEstimator):
         estimator: a scikit-learn classifier (default ``LogisticRegression()``), cloned.
         m_step: ``"weights"`` (each row once per class, weighted by its soft label; needs
             ``sample_weight``), ``"soft"`` (``fit(X, soft labels)``: a regressor, or any
-            estimator that takes soft labels) or ``"auto"`` (weights where the estimator
-            takes them, else soft for a regressor).
+            estimator that takes soft labels) or ``"auto"`` (soft for a regressor,
+            weights otherwise).
     """
-
-    _max_iter = 0  # E-steps after the first (at probability 1/2); EMClassifier's are max_iter
 
     def __init__(self, estimator=None, *, m_step="auto"):
         self.estimator = estimator
@@ -74,7 +72,7 @@ class ProportionClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _iterate(self, X, data, phi, where):
-        return phi
+        return phi  # the baseline: no E-step after the first
 
     def _base(self):
         return LogisticRegression() if self.estimator is None else self.estimator
