@@ -339,3 +339,22 @@ def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LogisticRegression's convergence warnings on the checks' data
         check(estimator)
+
+
+def test_tabular_experiment_runs(tmp_path):
+    # experiments/tabular/run.py against the current API, on a subsample (its results
+    # come from the real run, docs/experiments/tabular.md).
+    pytest.importorskip("statsmodels", reason="the real table ships with statsmodels (requirements.txt)")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tabular_run", os.path.join(ROOT, "experiments", "tabular", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--out", str(tmp_path), "--seeds", "1", "--bags", "8-32", "--epsilons", "inf", "1",
+                     "--rows", "600", "--em-iterations", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "auc.png").exists()
+    assert len((tmp_path / "runs.csv").read_text().splitlines()) == 1 + 2 + 2 * 6

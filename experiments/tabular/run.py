@@ -50,14 +50,18 @@ def random_bags(rng, n, low, high):
     return bags
 
 
-def methods(model):
-    yield f"em-{model}-crossfit", lambda w, seed: EMClassifier(MODELS[model](), cross_fit=True, random_state=seed)
-    yield f"em-{model}-insample", lambda w, seed: EMClassifier(MODELS[model](), cross_fit=False)
-    yield f"proportion-{model}", lambda w, seed: ProportionClassifier(MODELS[model]())
+def methods(model, em_iterations=10):
+    yield f"em-{model}-crossfit", lambda seed: EMClassifier(MODELS[model](), cross_fit=True, random_state=seed,
+                                                             max_iter=em_iterations)
+    yield f"em-{model}-insample", lambda seed: EMClassifier(MODELS[model](), cross_fit=False, max_iter=em_iterations)
+    yield f"proportion-{model}", lambda seed: ProportionClassifier(MODELS[model]())
 
 
 def run(args):
     X, y = load_fair()
+    if args.rows:  # a subsample, to check that the code runs
+        keep = np.random.default_rng(0).permutation(len(y))[: args.rows]
+        X, y = X[keep], y[keep]
     rows = []
     cells = [(s, b, e) for s in range(args.seeds) for b in args.bags for e in args.epsilons]
     supervised = {}
@@ -79,9 +83,9 @@ def run(args):
         w = (count_weights.exact(counts, sizes) if math.isinf(eps)
              else count_weights.laplace(released.double(), 1.0 / eps, sizes))
         for model in MODELS:
-            for name, make in methods(model):
+            for name, make in methods(model, args.em_iterations):
                 start = time.perf_counter()
-                fitted = make(w, seed).fit(X[train], count_log_weights=w, bags=bags)
+                fitted = make(seed).fit(X[train], count_log_weights=w, bags=bags)
                 rows.append(dict(seed=seed, bags=bag_range, epsilon=eps, method=name,
                                  auc=roc_auc_score(y[test], fitted.predict_proba(X[test])[:, 1]),
                                  n_iter=getattr(fitted, "n_iter_", 0), seconds=time.perf_counter() - start))
@@ -138,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--epsilons", nargs="+", type=float, default=[math.inf, 4.0, 1.0, 0.25],
                         help="label-DP epsilons of the released counts (inf: exact)")
     parser.add_argument("--threads", type=int, default=1, help="threads for the models and the ops")
+    parser.add_argument("--em-iterations", type=int, default=10, help="EMClassifier's max_iter")
+    parser.add_argument("--rows", type=int, default=0, help="use a random subsample of this many rows (0: all)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)

@@ -56,7 +56,7 @@ def check_bags(bags, n_samples, n_bags, source, where):
     return bags
 
 
-def _check_counts(counts, sizes, where):
+def _check_counts(counts, sizes, where, name="counts"):
     if counts.ndim not in (1, 2) or (counts.ndim == 2 and counts.shape[1] < 2):
         raise ValueError(f"{where}: counts must be (n_bags,) positives per bag or (n_bags, n_classes) count "
                          f"vectors with n_classes >= 2, got shape {counts.shape}")
@@ -73,7 +73,7 @@ def _check_counts(counts, sizes, where):
         bad = counts.sum(1) != sizes
         if bad.any():
             b = int(np.argmax(bad))
-            raise ValueError(f"{where}: counts[{b}] = {counts[b].tolist()} sums to {counts[b].sum()}, but bag {b} "
+            raise ValueError(f"{where}: {name}[{b}] = {counts[b].tolist()} sums to {counts[b].sum()}, but bag {b} "
                              f"holds {sizes[b]} rows; a count vector counts every row of its bag")
 
 
@@ -119,7 +119,7 @@ def bag_data(n_samples, counts, bags, proportions, count_log_weights, where) -> 
     elif proportions is not None:
         exact = _counts_from_proportions(proportions, sizes, where)
     if exact is not None:
-        _check_counts(exact, sizes, where)
+        _check_counts(exact, sizes, where, "counts" if counts is not None else "proportions times the bag's size")
     n_classes = exact.shape[1] if exact is not None and exact.ndim == 2 else 2
     return BagData(np.argsort(bags, kind="stable"), offsets_from_sizes(torch.from_numpy(sizes)), sizes,
                    None if exact is None else torch.from_numpy(exact), log_weights, n_classes)
