@@ -284,6 +284,7 @@ def test_errors_name_argument_and_value(rng):
         (dict(counts=counts, bags=bags[:-1]), r"bags must have one entry per row of X, shape \(20,\)"),
         (dict(counts=counts, bags=bags + 0.5), r"bags must be whole numbers, got bags\[0\] = 0.5"),
         (dict(counts=np.array([6, 0, 1, 1]), bags=bags), r"counts\[0\] = 6 is more than bag 0's size 5"),
+        (dict(counts=counts / 5, bags=bags), r"counts must be whole numbers, .*proportions go in proportions="),
         (dict(counts=np.array([1, -1, 1, 1]), bags=bags), r"counts must be non-negative, got counts\[1\] = -1"),
         (dict(counts=np.array([[2, 3], [1, 4], [5, 1], [0, 5]]), bags=bags),
          r"counts\[2\] = \[5, 1\] sums to 6, but bag 2 holds 5 rows"),

@@ -36,7 +36,9 @@ def _whole(values, name, where):
         bad = ~np.isfinite(a) | (a != np.round(a))
         if bad.any():
             i = tuple(int(j) for j in np.argwhere(bad)[0])
-            raise ValueError(f"{where}: {name} must be whole numbers, got {name}[{', '.join(map(str, i))}] = {a[i]}")
+            hint = " (proportions go in proportions=)" if name == "counts" else ""
+            raise ValueError(f"{where}: {name} must be whole numbers, got {name}[{', '.join(map(str, i))}] = "
+                             f"{a[i]}{hint}")
     return a.astype(np.int64)
 
 
