@@ -49,6 +49,7 @@ bench: $(VENV)/.built
 	$(PY) bench/large_bags.py --out bench/results
 	$(PY) bench/multiclass.py --out bench/results
 	$(PY) bench/weighted.py --out bench/results
+	$(PY) bench/sklearn_fit.py --out bench/results
 
 # For a machine with a GPU and its own torch (no network): see bench/gpu_check.sh.
 gpu-check:
