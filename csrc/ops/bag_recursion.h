@@ -126,9 +126,6 @@ MLELLP_HD void pow2_normalizer(double x, int* e, double* scale) {
   std::memcpy(scale, &sbits, sizeof sbits);
 #endif
 }
-template <typename T> MLELLP_HD T min_normal();
-template <> MLELLP_HD float min_normal<float>() { return 1.17549435e-38f; }
-template <> MLELLP_HD double min_normal<double>() { return 2.2250738585072014e-308; }
 
 // Smallest maximum of a freshly computed row, relative to the row it came from
 // (whose maximum is in [0.5, 1]), that ScaledArith accepts. A row's maximum
@@ -186,9 +183,6 @@ MLELLP_HD bool normalize_row(T* row, int64_t len, T row_max, int64_t* exponent) 
 // then takes LogArith) otherwise. Typical bags pass with a wide margin.
 // Underflow within a row is kept below tiny as well: a row whose maximum falls
 // under row_floor (see there) fails too.
-template <typename T> MLELLP_HD T unit_roundoff();
-template <> MLELLP_HD float unit_roundoff<float>() { return 5.9604645e-8f; }
-template <> MLELLP_HD double unit_roundoff<double>() { return 1.1102230246251565e-16; }
 
 template <typename T>
 struct ScaledArith {

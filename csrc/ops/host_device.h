@@ -41,6 +41,12 @@ template <typename T> MLELLP_HD bool is_nan(T x) { return x != x; }
 template <typename T> MLELLP_HD bool is_inf(T x) { return x == inf_value<T>() || x == -inf_value<T>(); }
 MLELLP_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 MLELLP_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+template <typename T> MLELLP_HD T min_normal();
+template <> MLELLP_HD float min_normal<float>() { return 1.17549435e-38f; }
+template <> MLELLP_HD double min_normal<double>() { return 2.2250738585072014e-308; }
+template <typename T> MLELLP_HD T unit_roundoff();
+template <> MLELLP_HD float unit_roundoff<float>() { return 5.9604645e-8f; }
+template <> MLELLP_HD double unit_roundoff<double>() { return 1.1102230246251565e-16; }
 
 struct SoloTeam {
   MLELLP_HD constexpr int rank() const { return 0; }

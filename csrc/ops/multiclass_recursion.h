@@ -28,16 +28,16 @@
 // recursions run on q and log P(y) adds log of that constant back; a(k) is then
 // a probability under q (at most 1), whatever the logits' size.
 //
-// Two arithmetic policies, chosen per bag, both in the compute type T (float
-// for float/half/bfloat16 input, double for double):
-//  * plain numbers: no exp or log per state (~10x cheaper). Used only when no
-//    labeling's q-probability can underflow: every product of n shifted
-//    probabilities is at least exp(-bound) with
-//    bound = sum_i max_{c active} -log q_ic, so bound <= plain_bound<T>() keeps
-//    every term, and every sum of terms, above T's smallest normal number (and
-//    all are <= 1).
+// Two arithmetic policies, both in the compute type T (float for
+// float/half/bfloat16 input, double for double):
+//  * plain numbers, no exp or log per state (~10x cheaper), tried first. Every
+//    table entry and term is a q-probability, and a row's q sum to 1, so what
+//    underflow can drop (at most T's smallest normal number an operation, flush
+//    to zero included) does not grow along the recursion: at most about
+//    8 S (n + 1) A min_normal in each phi row's sum, whose exact value is a(y).
+//    plain_total_ok accepts a(y) when that is below rounding; else
 //  * log-probabilities, with log-sum-exp per state: exact for any logits,
-//    +-inf included.
+//    +-inf included (counts very unlikely under the logits).
 // A NaN logit, or a row of all -inf (no distribution), makes its bag's phi and
 // log-likelihood NaN; a count vector that infinite logits make impossible gives
 // log-likelihood -inf and NaN phi, in that bag only (the binary op's contract).
@@ -59,12 +59,13 @@ namespace multiclass {
 // More active classes than this would need more than 2^62 states (every
 // active class has y_c >= 1): no budget admits them.
 constexpr int kMaxActive = 62;
-// Largest bound (see above) for the plain path: exp(-650) ~ 5e-283 > DBL_MIN
-// (2.2e-308) and exp(-80) ~ 1.8e-35 > FLT_MIN (1.2e-38), with room for the
-// sums' rounding.
-template <typename T> MLELLP_HD double plain_bound();
-template <> MLELLP_HD double plain_bound<double>() { return 650.0; }
-template <> MLELLP_HD double plain_bound<float>() { return 80.0; }
+// Whether the plain path's a(y) = total is large enough (see above).
+template <typename T>
+MLELLP_HD bool plain_total_ok(T total, int64_t states, int64_t n, int active) {
+  const double drop = 8.0 * static_cast<double>(states) * static_cast<double>(n + 1) * (active + 1) *
+                      static_cast<double>(detail::min_normal<T>());
+  return static_cast<double>(total) * static_cast<double>(detail::unit_roundoff<T>()) >= drop;
+}
 // A team reduces the phi of this many classes at once (its shared buffer).
 constexpr int kTeamReduce = 4;
 
@@ -131,12 +132,12 @@ MLELLP_HD void log_softmax_row(const In* z, int64_t C, T* out) {
 constexpr int kRowOk = 0, kRowImpossible = 1, kRowNan = 2;
 
 // One instance's shifted row (see above): lq[c] = log q_ic at the active
-// classes (the others are left as log p_ic, unread). *scale = log sum_active
-// p_ic and *worst = max_active -log q_ic (the row's share of the bound).
+// classes (the others are left as log p_ic, unread); *scale = log sum_active
+// p_ic.
 // Returns kRowNan for a row without a distribution, kRowImpossible when every
 // active class has probability 0.
 template <typename T, typename In>
-MLELLP_HD int shift_row(const In* z, int64_t C, const Lattice& L, T* lq, double* scale, double* worst) {
+MLELLP_HD int shift_row(const In* z, int64_t C, const Lattice& L, T* lq, double* scale) {
   log_softmax_row<T>(z, C, lq);
   if (lq[0] != lq[0]) return kRowNan;  // log_softmax_row makes a bad row NaN throughout
   T mx = -detail::inf_value<T>();
@@ -145,14 +146,8 @@ MLELLP_HD int shift_row(const In* z, int64_t C, const Lattice& L, T* lq, double*
   T sum = 0;
   for (int j = 0; j < L.active; ++j) sum += m_exp(lq[L.cls[j]] - mx);
   const T lse = mx + m_log(sum);
-  double w = 0;
-  for (int j = 0; j < L.active; ++j) {
-    lq[L.cls[j]] -= lse;
-    const double v = -static_cast<double>(lq[L.cls[j]]);
-    w = v > w ? v : w;
-  }
+  for (int j = 0; j < L.active; ++j) lq[L.cls[j]] -= lse;
   *scale = static_cast<double>(lse);
-  *worst = w;
   return kRowOk;
 }
 
@@ -182,9 +177,11 @@ MLELLP_HD void previous_state(const Lattice& L, int64_t* k, int64_t* layer) {
 
 // One bag with plain probabilities in T. q: n x C shifted probabilities (read
 // at the active classes); alpha, beta: S entries each; phi: n x C, accumulated
-// (zeroed by the caller). Returns log a(y) (the caller adds the shift back).
+// (zeroed by the caller). Writes log a(y) (the caller adds the shift back);
+// false, with phi untouched, where a(y) fails plain_total_ok.
 template <typename T>
-MLELLP_HD T bag_plain(const T* q, int64_t n, int64_t C, const Lattice& L, T* alpha, T* beta, T* phi) {
+MLELLP_HD bool bag_plain(const T* q, int64_t n, int64_t C, const Lattice& L, T* alpha, T* beta, T* phi,
+                         T* log_total) {
   const int64_t S = L.states;
   int64_t k[kMaxActive];
   for (int j = 0; j < L.active; ++j) k[j] = 0;
@@ -200,6 +197,7 @@ MLELLP_HD T bag_plain(const T* q, int64_t n, int64_t C, const Lattice& L, T* alp
     alpha[s] = a;
   }
   const T total = alpha[S - 1];
+  if (!plain_total_ok(total, S, n, L.active)) return false;
   // k = y, layer = n here; walk back.
   beta[S - 1] = 1;
   const T inv_total = 1 / total;
@@ -218,7 +216,8 @@ MLELLP_HD T bag_plain(const T* q, int64_t n, int64_t C, const Lattice& L, T* alp
     }
     beta[s] = g;
   }
-  return m_log(total);
+  *log_total = m_log(total);
+  return true;
 }
 
 // One bag in log space, in T. logp: n x C; alpha, beta: S entries; phi: n x C
@@ -345,24 +344,21 @@ MLELLP_HD T bag_not_computed(int status, int64_t n, int64_t C, T* phi, int64_t r
 template <typename T, typename In>
 MLELLP_HD T posterior_bag(const In* z, int64_t n, int64_t C, const Lattice& L, unsigned char* work, T* phi) {
   Workspace<T> ws(work, n, C, L.states);
-  double scale = 0, bound = 0;
+  double scale = 0;
   int status = kRowOk;
   for (int64_t i = 0; i < n; ++i) {
-    double row_scale = 0, worst = 0;
-    const int st = shift_row<T>(z + i * C, C, L, ws.lq + i * C, &row_scale, &worst);
+    double row_scale = 0;
+    const int st = shift_row<T>(z + i * C, C, L, ws.lq + i * C, &row_scale);
     status = st > status ? st : status;
     scale += row_scale;
-    bound += worst;
   }
   if (status != kRowOk) return bag_not_computed<T>(status, n, C, phi);
   for (int64_t t = 0; t < n * C; ++t) phi[t] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int j = 0; j < L.active; ++j) ws.q[i * C + L.cls[j]] = m_exp(ws.lq[i * C + L.cls[j]]);
+  }
   T ll;
-  if (bound <= plain_bound<T>()) {
-    for (int64_t i = 0; i < n; ++i) {
-      for (int j = 0; j < L.active; ++j) ws.q[i * C + L.cls[j]] = m_exp(ws.lq[i * C + L.cls[j]]);
-    }
-    ll = bag_plain<T>(ws.q, n, C, L, ws.alpha, ws.beta, phi);
-  } else {
+  if (!bag_plain<T>(ws.q, n, C, L, ws.alpha, ws.beta, phi, &ll)) {
     ll = bag_log<T>(ws.lq, n, C, L, ws.alpha, ws.beta, phi);
     if (ll == -detail::inf_value<T>()) return bag_not_computed<T>(kRowImpossible, n, C, phi);
   }
@@ -453,19 +449,18 @@ MLELLP_HD T beta_at(bool plain, const Lattice& L, const T* alpha, const T* beta,
   return mx + m_log(sum);
 }
 
-// Shifts the rows (team-strided) and agrees on the bag's status, shift and bound.
+// Shifts the rows (team-strided) and agrees on the bag's shift and status.
 template <typename Team, typename T, typename In>
 MLELLP_HD void shift_rows_team(const Team& team, const In* z, int64_t n, int64_t C, const Lattice& L, T* lq,
-                                  double* stats) {
-  stats[0] = 0, stats[1] = 0, stats[2] = kRowOk;  // shift, bound, status
+                               double* stats) {
+  stats[0] = 0, stats[1] = kRowOk;  // shift, status
   for (int64_t i = team.rank(); i < n; i += team.size()) {
-    double row_scale = 0, worst = 0;
-    const int st = shift_row<T>(z + i * C, C, L, lq + i * C, &row_scale, &worst);
-    stats[2] = st > stats[2] ? st : stats[2];
+    double row_scale = 0;
+    const int st = shift_row<T>(z + i * C, C, L, lq + i * C, &row_scale);
+    stats[1] = st > stats[1] ? st : stats[1];
     stats[0] += row_scale;
-    stats[1] += worst;
   }
-  team.reduce(stats, 3, [](int j, double a, double b) { return j == 2 ? (a > b ? a : b) : a + b; });
+  team.reduce(stats, 2, [](int j, double a, double b) { return j == 1 ? (a > b ? a : b) : a + b; });
 }
 
 // The whole E-step of one bag by a team; the arguments of posterior_bag. Every
@@ -474,26 +469,35 @@ template <typename Team, typename T, typename In>
 MLELLP_HD T posterior_bag_team(const Team& team, const In* z, int64_t n, int64_t C, const Lattice& L,
                                   unsigned char* work, T* phi) {
   Workspace<T> ws(work, n, C, L.states);
-  double stats[3];
+  double stats[2];
   shift_rows_team<Team, T>(team, z, n, C, L, ws.lq, stats);
-  const int status = static_cast<int>(stats[2]);
+  const int status = static_cast<int>(stats[1]);
   if (status != kRowOk) return bag_not_computed<T>(status, n, C, phi, team.rank(), team.size());
-  const bool plain = stats[1] <= plain_bound<T>();
-  const T* rows = plain ? ws.q : ws.lq;
   for (int64_t t = team.rank(); t < n * C; t += team.size()) {
     phi[t] = 0;
-    if (plain) ws.q[t] = m_exp(ws.lq[t]);  // (inactive entries too: unread)
+    ws.q[t] = m_exp(ws.lq[t]);  // (inactive entries too: unread)
   }
   const int64_t S = L.states, per = (S + team.size() - 1) / team.size();
   const int64_t s0 = team.rank() * per < S ? team.rank() * per : S, s1 = s0 + per < S ? s0 + per : S;
-  if (team.rank() == 0) ws.alpha[0] = plain ? T(1) : T(0);
-  team.sync();
-  for (int64_t l = 1; l <= n; ++l) {
-    const T* row = rows + (l - 1) * C;
-    visit_layer(L, s0, s1, l, [&](int64_t s, const int64_t* k) { ws.alpha[s] = alpha_at<T>(plain, L, ws.alpha, row, s, k); });
+  // Plain first; the log path where a(y) fails plain_total_ok (every member
+  // reads the same total, so all agree).
+  bool plain = true;
+  T total;
+  for (;;) {
+    const T* rows = plain ? ws.q : ws.lq;
+    if (team.rank() == 0) ws.alpha[0] = plain ? T(1) : T(0);
     team.sync();
+    for (int64_t l = 1; l <= n; ++l) {
+      const T* row = rows + (l - 1) * C;
+      visit_layer(L, s0, s1, l, [&](int64_t s, const int64_t* k) { ws.alpha[s] = alpha_at<T>(plain, L, ws.alpha, row, s, k); });
+      team.sync();
+    }
+    total = ws.alpha[S - 1];
+    if (!plain || plain_total_ok(total, S, n, L.active)) break;
+    plain = false;
+    team.sync();  // every member has read total before alpha is rewritten
   }
-  const T total = ws.alpha[S - 1];
+  const T* rows = plain ? ws.q : ws.lq;
   if (!plain && total == -detail::inf_value<T>()) {  // (phi's zeroing was before the layers' syncs)
     return bag_not_computed<T>(kRowImpossible, n, C, phi, team.rank(), team.size());
   }
