@@ -93,11 +93,25 @@ def load():
         # record's torch: the loader's own first line says which symbol or library.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ImportError(error_line(record, f"failed to load with torch {torch.__version__} ({first})")) from None
-    if record is not None and not record["cuda_kernels"] and record.get("no_cuda_reason", "").startswith(
-            ("no CUDA toolkit", "the CUDA toolkit")) and torch.cuda.is_available():
-        warnings.warn(f"mlellp_ext was built without CUDA kernels ({record['no_cuda_reason']}): its ops run on CPU "
-                      "tensors only. See docs/development.md, 'Installing into your own environment'.", stacklevel=2)
+    warning = missing_cuda_warning(record, torch.cuda.is_available) if record is not None else None
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return module
+
+
+def missing_cuda_warning(record, cuda_available):
+    """The warning (one line) for an extension built without CUDA kernels that
+    were wanted: the toolkit found was of another CUDA major version than torch's
+    (pip hides setup.py's own warning), or none was found on a machine with a
+    GPU. None where the kernels are in, or were left out on purpose
+    (MLELLP_CPU_ONLY=1, a torch without CUDA). cuda_available: a callable,
+    called only when needed."""
+    reason = "" if record["cuda_kernels"] else record.get("no_cuda_reason") or ""
+    if not (reason.startswith("the CUDA toolkit") or (reason.startswith("no CUDA toolkit") and cuda_available())):
+        return None
+    return (f"mlellp_ext was built without CUDA kernels ({reason}), so its ops take CPU tensors only; for the "
+            "CUDA kernels, rebuild it with CUDA_HOME set to a toolkit of torch's CUDA major version, or with "
+            "MLELLP_CPU_ONLY=1 to silence this (docs/development.md: Installing into your own environment)")
 
 
 def build_info():

@@ -11,8 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+unset MLELLP_FORCE_CUDA  # CI's demand for CUDA kernels is for its main build; this one is CPU-only
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mlellp-install.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+[ -n "${KEEP_INSTALL_CHECK:-}" ] && echo "kept: $WORK" || trap 'rm -rf "$WORK"' EXIT
 t0=$SECONDS
 step() { echo "== install check ($((SECONDS - t0)) s): $*"; }
 
@@ -48,7 +49,9 @@ $V/python -c "import mlellp_ext, torch, sys
 assert mlellp_ext.__file__.startswith(sys.prefix), mlellp_ext.__file__
 print('installed:', mlellp_ext.__file__, 'torch', torch.__version__); print(mlellp_ext.build_info())"
 
-step "README's quick starts, the smoke tests"
-PATH="$V:$PATH" $V/python -m pytest -q -p no:cacheprovider \
-  tests/test_install.py tests/test_posterior.py tests/test_errors.py tests/test_em.py "tests/test_docs.py::test_blocks_run[README.md]"
+step "README's quick starts"
+$V/python tests/quick_starts.py --epochs 1
+step "smoke tests"
+$V/python -m pytest -q -p no:cacheprovider tests/test_install.py tests/test_posterior.py tests/test_errors.py \
+  tests/test_autograd.py
 step "done"

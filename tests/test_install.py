@@ -212,8 +212,11 @@ def test_import_of_an_extension_built_for_another_torch_fails_in_one_line(tmp_pa
     assert f"torch {torch.__version__} is loaded" in last and "pip install --no-build-isolation" in last
     # One error, not a chain of them.
     assert "During handling" not in r.stderr and r.stderr.count("Error:") == 1, r.stderr
-    ok = _import(_package_copy(tmp_path / "ok", _record()))
+    # This torch's record loads, and warns (once, in one line) when the toolkit's CUDA kept the kernels out.
+    ok = _import(_package_copy(tmp_path / "ok", _record(no_cuda_reason="the CUDA toolkit at /x is CUDA 99.0, ...")))
     assert ok.returncode == 0 and ok.stdout.strip() == str(tmp_path / "ok" / "mlellp_ext" / "__init__.py"), ok.stderr
+    assert ok.stderr.count("UserWarning: mlellp_ext was built without CUDA kernels (the CUDA toolkit at /x") == 1, \
+        ok.stderr
 
 
 def test_an_extension_that_fails_to_load_fails_in_one_line(tmp_path):
@@ -225,3 +228,21 @@ def test_an_extension_that_fails_to_load_fails_in_one_line(tmp_path):
     assert "During handling" not in r.stderr, r.stderr
     r = _import(_package_copy(tmp_path / "none", so_bytes=False))
     assert r.returncode != 0 and "ImportError: mlellp_ext's compiled extension is missing" in r.stderr, r.stderr
+
+
+def test_missing_cuda_kernels_warning():
+    def no_call():
+        raise AssertionError("cuda_available called where the answer cannot matter")
+
+    mismatch = _record(no_cuda_reason="the CUDA toolkit at /usr/local is CUDA 13.0, torch 2.6.0+cu124 was built "
+                                      "with CUDA 12.4")
+    for available in (lambda: True, lambda: False):  # the kernels were wanted, GPU or not
+        line = _extension.missing_cuda_warning(mismatch, available)
+        assert "CUDA 13.0" in line and "CUDA_HOME" in line and "MLELLP_CPU_ONLY=1" in line and "\n" not in line
+    no_toolkit = _record(no_cuda_reason="no CUDA toolkit found (no bin/nvcc under CUDA_HOME=None)")
+    assert "no CUDA toolkit" in _extension.missing_cuda_warning(no_toolkit, lambda: True)
+    assert _extension.missing_cuda_warning(no_toolkit, lambda: False) is None  # no GPU to miss them on
+    for chosen in ("MLELLP_CPU_ONLY=1", "torch 2.6.0+cpu has no CUDA"):
+        assert _extension.missing_cuda_warning(_record(no_cuda_reason=chosen), no_call) is None
+    built = _record(cuda_kernels=True, cuda="12.4", cuda_archs=["9.0"], no_cuda_reason=None)
+    assert _extension.missing_cuda_warning(built, no_call) is None
