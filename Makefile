@@ -66,4 +66,4 @@ gpu-test:
 	python3 -m pytest -q -rfE -p no:cacheprovider --timeout 300 -k cuda tests
 
 clean:
-	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log *.egg-info mlellp_ext/*.so
+	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log *.egg-info mlellp_ext/*.so mlellp_ext/_build_info.json
