@@ -11,7 +11,7 @@ export MAX_JOBS ?= $(shell nproc)
 CSRC := $(shell find csrc -type f) setup.py pyproject.toml
 CMAKE_BUILD := cmake-build
 
-.PHONY: run test test-python test-cpp bench gpu-check gpu-test clean
+.PHONY: run test test-python test-cpp test-install bench gpu-check gpu-test clean
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ $(VENV)/.built: $(VENV)/.deps $(CSRC)
 run: $(VENV)/.built
 	$(PY) -m mlellp_ext.app.demo
 
-test: test-cpp test-python
+test: test-install test-cpp test-python
 
 test-python: $(VENV)/.built
 	$(PY) -m pytest -q tests
@@ -40,6 +40,12 @@ test-cpp: $(VENV)/.built
 	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME)) > $(CMAKE_BUILD).log || (cat $(CMAKE_BUILD).log; exit 1)
 	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# The wheel as a user builds it, installed into a fresh venv with the oldest torch
+# pyproject.toml claims (CPU kernels): README's quick starts and smoke tests there.
+# First in `make test`, so that the full suite's summary closes the output.
+test-install:
+	PYTHON=$(PYTHON) bash tests/install_check.sh
 
 bench: $(VENV)/.built
 	$(PY) -m pytest -q bench/test_bench_posterior.py -p no:cacheprovider --benchmark-json bench/results/posterior_cpu.json
@@ -61,4 +67,4 @@ gpu-test:
 	python3 -m pytest -q -rfE -p no:cacheprovider --timeout 300 -k cuda tests
 
 clean:
-	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log *.egg-info mlellp_ext/*.so
+	rm -rf build $(CMAKE_BUILD) $(CMAKE_BUILD).log *.egg-info mlellp_ext/*.so mlellp_ext/_build_info.json

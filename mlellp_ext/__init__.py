@@ -14,14 +14,16 @@ The library (this package's top-level modules):
 * ``BagBatchSampler`` (samplers): DataLoader batches of whole bags;
 * bags: the ragged bag layout (``offsets_from_sizes``, ``sizes_from_offsets``);
 * ``image_ops.augment_images``: a batch's flips, blurs and colour jitters, each
-  image with its own parameters, in one op call (CPU and CUDA).
+  image with its own parameters, in one op call (CPU and CUDA);
+* ``build_info()``: the torch, CUDA and GPU architectures the extension was
+  built for, and whether its CUDA kernels are in.
 
 The application (``mlellp_ext.app``: trainer, datasets, methods, the ``mlellp``
 command) is built on it; the library never imports it.
 """
 import torch  # noqa: F401  (the library links against libtorch)
 
-from . import _C  # noqa: F401  (registers torch.ops.mlellp.*)
+from ._extension import _C, build_info  # noqa: F401  (loads the extension: registers torch.ops.mlellp.*)
 from . import count_weights, image_ops
 from .approx import posterior_multiclass_approx
 from .bags import offsets_from_sizes, sizes_from_offsets
@@ -34,6 +36,7 @@ __all__ = [
     "BagBatchSampler",
     "EMTargets",
     "bag_log_likelihood",
+    "build_info",
     "count_weights",
     "dllp_loss",
     "image_ops",
