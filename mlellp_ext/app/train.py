@@ -261,7 +261,7 @@ def network_outputs(spec, num_classes: int) -> int:
 def check_multiclass_options(cfg: TrainConfig, dataset: BagDataset) -> None:
     """--multiclass-estep applies to count vectors only; with the exact E-step no
     training bag may be over the state budget (said before any training, with the way out)."""
-    from ..approx import lattice_states
+    from ..bags import lattice_states
     from ..ops import DEFAULT_MAX_STATES
 
     counts = dataset.train.counts
