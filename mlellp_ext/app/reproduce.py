@@ -34,7 +34,8 @@ import sys
 from dataclasses import dataclass
 
 from .data import DataError
-from .train import TrainConfig, train
+from .config import TrainConfig
+from .train import train
 
 METHODS = ("supervised", "dllp", "llpgan", "mle")
 LABELS = {"supervised": "supervised", "dllp": "DLLP", "llpgan": "LLP-GAN", "mle": "MLE-LLP"}

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ...bags import bag_positions, lattice_states, offsets_from_sizes
 from ...ops import DEFAULT_MAX_STATES, posterior, posterior_weighted
-from ..distributed import all_sum, instance_mean, sync_gradients
+from ..distributed import all_sum, instance_mean
+from ..sync import sync_gradients
 
 
 def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, world, *modules) -> None:
