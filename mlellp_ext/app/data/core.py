@@ -6,10 +6,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...bags import bag_index, bag_positions, offsets_from_sizes, sizes_from_offsets
+
+if TYPE_CHECKING:
+    from .images import ImageFiles
 
 DEFAULT_BAG_SIZE = (2, 12)  # random bags, as in the seed paper
 DEFAULT_TEST_FRACTION = 0.2
