@@ -95,9 +95,8 @@ class Trainer:
             raise DataError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
         self.num_classes = len(self.data.classes)
         check_multiclass_options(cfg, self.dataset)
-        self.model = build_backbone(cfg.backbone, self.data.x.shape[1], network_outputs(METHODS[cfg.method],
-                                                                                       self.num_classes),
-                                    cfg.width, cfg.weights).to(self.device)
+        outputs = network_outputs(METHODS[cfg.method], self.num_classes)
+        self.model = build_backbone(cfg.backbone, self.data.x.shape[1], outputs, cfg.width, cfg.weights).to(self.device)
         prepare_model(self.model, self.device, cfg.amp, cfg.compile)
         lr_factor(cfg.lr_schedule, 0, cfg.epochs)  # rejects an unknown schedule before any work
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

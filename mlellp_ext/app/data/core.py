@@ -6,14 +6,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...bags import bag_index, bag_positions, offsets_from_sizes, sizes_from_offsets
-
-if TYPE_CHECKING:
-    from .images import ImageFiles
 
 DEFAULT_BAG_SIZE = (2, 12)  # random bags, as in the seed paper
 DEFAULT_TEST_FRACTION = 0.2
@@ -26,7 +22,7 @@ class DataError(ValueError):
 class InstanceData:
     # images: uint8 (N, C, H, W); float32 (N, C, H, W) for digits; ImageFiles (decoded when
     # indexed) for the image-file datasets, manifest and family-faces
-    x: "torch.Tensor | ImageFiles"
+    x: "torch.Tensor | ImageFiles"  # noqa: F821 (images.ImageFiles, which imports this module)
     y: torch.Tensor | None  # int64 (N,) instance labels in 0..C-1; None when unknown
     classes: list[str]  # names of labels 0..C-1 (C = 2: a binary problem, counts of label 1)
     is_rgb: bool  # True for 3-channel natural images (augmentation applies)
