@@ -10,13 +10,13 @@ from mlellp_ext.app.data import (
     BagDataset,
     Bags,
     DataError,
-    bag_of_instance,
     instance_labels_available,
     load_dataset,
     parse_bag_size,
     random_bags,
     split_bags,
 )
+from mlellp_ext.bags import bag_index
 
 CIFAR_NPZ = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_bird_cat_train.npz")
 
@@ -37,7 +37,7 @@ def check_bags(bags: Bags, y=None, num_classes=2):
     assert len(bags.counts) == len(bags.bag_ids) == len(bags.offsets) - 1
     if y is not None:
         expect = torch.zeros(len(bags.counts), num_classes, dtype=torch.int64)
-        for b, i in zip(bag_of_instance(bags).tolist(), bags.index.tolist()):
+        for b, i in zip(bag_index(bags.offsets).tolist(), bags.index.tolist()):
             expect[b, int(y[i])] += 1
         assert torch.equal(bags.counts, expect[:, 1] if num_classes == 2 else expect)
 
@@ -121,7 +121,7 @@ def test_parse_bag_size():
 def test_helpers():
     bags = Bags(index=torch.arange(5), offsets=torch.tensor([0, 2, 2, 5]), counts=torch.tensor([1, 0, 2]),
                 bag_ids=["a", "b", "c"])
-    assert bag_of_instance(bags).tolist() == [0, 0, 2, 2, 2]
+    assert bag_index(bags.offsets).tolist() == [0, 0, 2, 2, 2]
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import mlellp_ext
 from mlellp_ext.app.data import Bags
-from mlellp_ext.app.distributed import DistributedError, World, _pad_to, per_rank_batch_size, shard_assignment
+from mlellp_ext.app.distributed import DistributedError, World, pad_to, per_rank_batch_size, shard_assignment
 from mlellp_ext.app.train import TrainConfig, load_data, train
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -222,6 +222,6 @@ def test_padding_and_batch_size():
     assert per_rank_batch_size(64, World(size=2)) == 32 and per_rank_batch_size(64, World(size=3)) == 22
     assert per_rank_batch_size(1, World(size=4)) == 1
     gen = torch.Generator().manual_seed(0)
-    batches = _pad_to(list(torch.randperm(10, generator=gen).split(4)), 7,
+    batches = pad_to(list(torch.randperm(10, generator=gen).split(4)), 7,
                       lambda: torch.randperm(10, generator=gen).split(4))
     assert len(batches) == 7 and all(0 < b.numel() <= 4 for b in batches)

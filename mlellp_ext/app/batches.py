@@ -8,7 +8,7 @@ import torch
 from ..bags import offsets_from_sizes
 from ..samplers import BagBatchSampler
 from .augment import BatchAugment
-from .distributed import SINGLE, World, _pad_to, all_max, per_rank_batch_size
+from .distributed import SINGLE, World, pad_to, all_max, per_rank_batch_size
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -152,7 +152,7 @@ class Batches:
         out = list(make())
         if not self.world.distributed:
             return out
-        return _pad_to(out, all_max(self.world, len(out)), make)
+        return pad_to(out, all_max(self.world, len(out)), make)
 
     def instances(self) -> list[torch.Tensor]:
         """Minibatches of positions 0..num_instances-1."""

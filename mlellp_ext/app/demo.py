@@ -11,7 +11,9 @@ import argparse
 import os
 import sys
 
-from .train import TrainConfig, summary_table, train
+from .config import TrainConfig
+from .outputs import summary_table
+from .train import train
 
 
 def main(argv=None):

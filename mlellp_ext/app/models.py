@@ -23,7 +23,25 @@ def _conv(cin, cout, k, stride=1):
     return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2), nn.LeakyReLU(0.2)]
 
 
-class LLPGANCNN(nn.Module):
+class Backbone(nn.Module):
+    """A network seen as a body (``features``) and a linear ``head``: ``class_logits``
+    are the head's outputs, ``forward`` the same with one output squeezed to (N,)."""
+
+    head: nn.Module
+    num_outputs: int
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.class_logits(x)
+        return out.squeeze(1) if self.num_outputs == 1 else out
+
+
+class LLPGANCNN(Backbone):
     """Dropout 0.2; conv3x3 64, 64, 64/2; Dropout 0.5; conv3x3 128, 128, 128/2;
     Dropout 0.5; conv3x3 256, conv1x1 128, conv1x1 64; global average pool; linear."""
 
@@ -58,15 +76,8 @@ class LLPGANCNN(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
-    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.class_logits(x)
-        return out.squeeze(1) if self.num_outputs == 1 else out
-
-
-class ResNet18(nn.Module):
+class ResNet18(Backbone):
     def __init__(self, in_channels: int = 3, num_outputs: int = 1, weights: str | None = None):
         super().__init__()
         import torchvision
@@ -90,13 +101,6 @@ class ResNet18(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.class_logits(x)
-        return out.squeeze(1) if self.num_outputs == 1 else out
 
 
 class TwoClassLogit(nn.Module):

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from ...losses import dllp_loss
 from ...ops import bag_log_likelihood, posterior_weighted
 from ..data import bag_weights

@@ -27,10 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ...approx import lattice_states
-from ...bags import offsets_from_sizes
+from ...bags import bag_positions, lattice_states, offsets_from_sizes
 from ...ops import DEFAULT_MAX_STATES, posterior, posterior_weighted
-from ..distributed import all_sum, instance_mean, sync_gradients
+from ..distributed import all_sum, instance_mean
+from ..sync import sync_gradients
 
 
 def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, world, *modules) -> None:
@@ -133,10 +133,8 @@ def log_likelihoods(logits, offsets, counts) -> torch.Tensor:
             out = torch.full((counts.shape[0],), math.nan)
             which = torch.nonzero(fits).flatten()
             if which.numel():
-                sizes = offsets.diff()
-                starts = offsets[:-1][which]
-                index = torch.cat([torch.arange(int(a), int(a) + int(n)) for a, n in zip(starts, sizes[which])])
-                out[which] = posterior(logits[index], offsets_from_sizes(sizes[which]), counts[which])[1].float()
+                out[which] = posterior(logits[bag_positions(offsets, which)], offsets_from_sizes(offsets.diff()[which]),
+                                       counts[which])[1].float()
             return out
     return posterior(logits, offsets, counts)[1]
 
