@@ -56,6 +56,14 @@ def count_slot_bags(offsets: torch.Tensor, num_slots: int | None = None) -> torc
                                    output_size=num_slots)
 
 
+def count_slots(offsets: torch.Tensor, num_slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, bag)`` of each count slot in the per-count layout: slot ``offsets[b] + b + k``
+    holds count k of bag b (see :func:`count_slot_bags`)."""
+    bag = count_slot_bags(offsets, num_slots)
+    starts = offsets[:-1] + torch.arange(offsets.shape[0] - 1, device=offsets.device)
+    return torch.arange(bag.shape[0], device=offsets.device) - starts[bag], bag
+
+
 def bag_positions(offsets: torch.Tensor, which, slots: bool = False) -> torch.Tensor:
     """Positions of the bags numbered ``which``, bag after bag, each bag's in order
     (int64): of their instances, or with ``slots=True`` of their count slots in the
@@ -117,7 +125,7 @@ def check_bag_values(op: str, num_instances: int, offsets: torch.Tensor, counts:
     """The value checks of csrc/ops/checks.cpp (same order and words), for Python code
     that takes the bag layout without calling an op: ``offsets[0] = 0``, non-decreasing,
     ``offsets[-1] = num_instances`` and ``0 <= counts[b] <= n_b``. Shapes, dtypes and
-    devices are checked before (ops._check_layout_fake)."""
+    devices are checked before (mlellp_ext.ops._checks.check_layout)."""
     offsets = offsets.cpu()
     if int(offsets[0]) != 0:
         raise ValueError(f"{op}: offsets[0] must be 0, got {int(offsets[0])}")
@@ -173,7 +181,7 @@ def check_count_vectors(op: str, num_instances: int, offsets: torch.Tensor, coun
     if sum(row) != n:
         raise ValueError(f"{op}: counts[{b}] = {text} sums to {sum(row)} but bag {b} has {n} instances "
                          f"(offsets[{b + 1}] - offsets[{b}])")
-    states = float(math.prod(float(v + 1) for v in row))
+    states = float(lattice_states(counts[b:b + 1]))
     raise ValueError(f"{op}: bag {b} with counts {text} has {states:g} count-vector states (prod(counts + 1)), "
                      f"over max_states = {max_states}; raise max_states if its tables (16 bytes per state) fit in "
                      f"memory, or use the approximate E-step (mlellp_ext.posterior_multiclass_approx) for such bags")
