@@ -23,9 +23,12 @@ lib = torch.library.Library("mlellp", "IMPL")
 
 
 def register(name, fn, vmap_rule):
-    """Register the autograd.Function ``fn`` as mlellp::<name>'s Autograd kernel and
-    ``vmap_rule(call, info, in_dims, *args)`` as its vmap rule (for torch.vmap over
-    torch.ops.mlellp.<name> called directly; without it vmap loops over the batch)."""
+    """Register the autograd.Function ``fn`` as mlellp::<name>'s Autograd kernel, and
+    ``vmap_rule(call, info, in_dims, *args)`` as the vmap rule of both: of ``fn``
+    (torch.func over the Python API) calling ``fn.apply``, and of the op (torch.vmap
+    over torch.ops.mlellp.<name> called directly; without it vmap loops over the
+    batch) calling the op."""
+    fn.vmap = staticmethod(functools.partial(vmap_rule, fn.apply))
     lib.impl(name, _autograd_kernel(name, _ctx_in_forward(fn)), "Autograd")
     torch.library.register_vmap(f"mlellp::{name}", functools.partial(vmap_rule, getattr(torch.ops.mlellp, name)),
                                 lib=lib)
@@ -84,25 +87,25 @@ def _ctx_in_forward(fn):
                                                 "setup_context": torch.autograd.Function.setup_context})
 
 
+def refuse(message):
+    """A backward or jvp for a derivative that has no kernel: it raises ``message``
+    rather than return wrong numbers (or zeros)."""
+    def derivative(ctx, *grads):
+        raise RuntimeError(message)
+
+    return staticmethod(derivative)
+
+
 class FirstDerivativeFn(torch.autograd.Function):
     """A first derivative (of log-likelihoods whose phi has no derivative kernel) as a
-    Function whose own derivatives raise ``message`` rather than return wrong numbers.
-    Subclasses give forward and message."""
+    Function; subclasses give forward and ``backward = jvp = refuse(message)``, since
+    its own derivatives would need phi's."""
 
-    message = "this derivative has no derivative"
     generate_vmap_rule = True  # forwards of torch ops and ops with vmap rules: jacrev, vmap(grad) work
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         pass
-
-    @classmethod
-    def backward(cls, ctx, *grads):
-        raise RuntimeError(cls.message)
-
-    @classmethod
-    def jvp(cls, ctx, *tangents):
-        raise RuntimeError(cls.message)
 
 
 def empty_phi_log_lik(logits, num_bags):

@@ -135,8 +135,6 @@ class _PhiJvpFn(torch.autograd.Function):
             return torch.zeros_like(logits)
         return _phi_jvp(tangent_tangent, logits, offsets, counts)
 
-    vmap = staticmethod(lambda info, in_dims, *args: _phi_jvp_vmap(_PhiJvpFn.apply, info, in_dims, *args))
-
 
 class _PosteriorBackwardFn(torch.autograd.Function):
     """(g, phi, z) -> g[b] (phi_i - sigma_i); phi's own dependence on z, if any, reaches
@@ -181,9 +179,6 @@ class _PosteriorBackwardFn(torch.autograd.Function):
             out = out - g_i * curvature * tangent_logits.to(dtype)
         return out.to(logits.dtype)
 
-    vmap = staticmethod(lambda info, in_dims, *args: _posterior_backward_vmap(
-        _PosteriorBackwardFn.apply, info, in_dims, *args))
-
 
 class _PosteriorFn(torch.autograd.Function):
     @staticmethod
@@ -215,8 +210,6 @@ class _PosteriorFn(torch.autograd.Function):
         dtype = compute_dtype(logits.dtype)
         slope = (phi.to(dtype) - torch.sigmoid(logits.to(dtype))) * tangent_logits.to(dtype)
         return _phi_jvp(tangent_logits, logits, offsets, counts), _instance_sums(slope, offsets)
-
-    vmap = staticmethod(lambda info, in_dims, *args: _posterior_vmap(_PosteriorFn.apply, info, in_dims, *args))
 
 
 register("posterior", _PosteriorFn, _posterior_vmap)

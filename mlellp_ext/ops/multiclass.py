@@ -6,8 +6,8 @@ import torch
 
 from ..bags import bag_index
 from ._checks import DEFAULT_MAX_STATES, check_max_states, check_multiclass_layout, check_not_nested, compute_dtype
-from ._dispatch import (FirstDerivativeFn, apply, batch_call, batched, below_autograd, empty_phi_log_lik, register,
-                        tiled_offsets)
+from ._dispatch import (FirstDerivativeFn, apply, batch_call, batched, below_autograd, empty_phi_log_lik, refuse,
+                        register, tiled_offsets)
 
 
 @torch.library.register_fake("mlellp::posterior_multiclass")
@@ -68,19 +68,14 @@ class _PosteriorMulticlassFn(torch.autograd.Function):
         # derivative (create_graph, torch.func) must not silently drop it.
         return (_MulticlassLogLikGradFn.apply(grad_log_lik, phi, logits, offsets),) + rest
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError("mlellp::posterior_multiclass has no forward-mode derivative")
-
-    vmap = staticmethod(lambda info, in_dims, *args: _posterior_multiclass_vmap(
-        _PosteriorMulticlassFn.apply, info, in_dims, *args))
+    jvp = refuse("mlellp::posterior_multiclass has no forward-mode derivative")
 
 
 class _MulticlassLogLikGradFn(FirstDerivativeFn):
     """(g, phi, z) -> g[b] (phi_i - softmax(z_i)); differentiating it raises."""
 
-    message = ("second derivatives of mlellp::posterior_multiclass are not supported "
-               "(its phi has no derivative)")
+    backward = jvp = refuse("second derivatives of mlellp::posterior_multiclass are not supported "
+                            "(its phi has no derivative)")
 
     @staticmethod
     def forward(grad_log_lik, phi, logits, offsets):

@@ -15,7 +15,7 @@ import torch
 from ..bags import bag_index, count_slot_bags, split_nested
 from ._checks import check_layout, check_not_nested, check_weighted_layout, compute_dtype
 from ._dispatch import (FirstDerivativeFn, apply, bag_sums, batch_call, batched, below_autograd, empty_phi_log_lik,
-                        register, tiled_offsets, vmap_phi_log_lik)
+                        refuse, register, tiled_offsets, vmap_phi_log_lik)
 
 _SECOND_ORDER = ("second derivatives of mlellp::posterior_weighted and mlellp::log_pmf are not "
                  "supported (phi has no derivative there)")
@@ -98,17 +98,13 @@ class _LogPmfFn(torch.autograd.Function):
         logits, offsets, out = ctx.saved_tensors
         return _LogPmfVjpFn.apply(grad, logits, offsets, out), None
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError("mlellp::log_pmf has no forward-mode derivative (reverse mode works)")
-
-    vmap = staticmethod(lambda info, in_dims, *args: _log_pmf_vmap(_LogPmfFn.apply, info, in_dims, *args))
+    jvp = refuse("mlellp::log_pmf has no forward-mode derivative (reverse mode works)")
 
 
 class _LogPmfVjpFn(FirstDerivativeFn):
     """log_pmf's vector-Jacobian product."""
 
-    message = _SECOND_ORDER
+    backward = jvp = refuse(_SECOND_ORDER)
 
     @staticmethod
     def forward(grad, logits, offsets, log_pmf_out):
@@ -140,18 +136,13 @@ class _PosteriorWeightedFn(torch.autograd.Function):
         return _WeightedLogLikGradFn.apply(grad_log_lik, phi, log_lik, logits, offsets, logw,
                                            ctx.needs_input_grad[0], ctx.needs_input_grad[2])
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError("mlellp::posterior_weighted has no forward-mode derivative")
-
-    vmap = staticmethod(lambda info, in_dims, *args: _posterior_weighted_vmap(
-        _PosteriorWeightedFn.apply, info, in_dims, *args))
+    jvp = refuse("mlellp::posterior_weighted has no forward-mode derivative")
 
 
 class _WeightedLogLikGradFn(FirstDerivativeFn):
     """(g, phi, log_lik, z, log w) -> (grad of the logits, grad of the log-weights)."""
 
-    message = _SECOND_ORDER
+    backward = jvp = refuse(_SECOND_ORDER)
 
     @staticmethod
     def forward(grad_log_lik, phi, log_lik, logits, offsets, logw, want_logits, want_weights):
