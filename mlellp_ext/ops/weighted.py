@@ -1,7 +1,7 @@
 """The E-step under uncertain counts and the whole count distribution:
 mlellp::posterior_weighted and mlellp::log_pmf (fake kernels, autograd, vmap
 rules) and their Python API. Both lay out n_b + 1 values per bag, bag b's count k
-at ``offsets[b] + b + k`` (:func:`mlellp_ext.bags.count_slot_bags`).
+at ``offsets[b] + b + k`` (:func:`mlellp_ext.bags.count_slot_offsets`).
 
 Their first derivatives are Functions whose own derivatives raise (phi has no
 derivative kernel here); forward mode raises too.
@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from ..bags import bag_index, count_slot_bags, split_nested
+from ..bags import bag_index, count_slot_bags, count_slot_offsets, split_nested
 from ._checks import check_layout, check_not_nested, check_weighted_layout, compute_dtype
 from ._dispatch import (FirstDerivativeFn, apply, bag_sums, batch_call, batched, below_autograd, empty_phi_log_lik,
                         refuse, register, tiled_offsets, vmap_phi_log_lik)
@@ -187,8 +187,7 @@ def log_pmf(logits, offsets=None):
     flat, offsets, _, nested = split_nested(logits, offsets, None, "log_pmf", takes_counts=False)
     out = apply(_LogPmfFn, torch.ops.mlellp.log_pmf, flat, offsets)
     if nested:
-        pmf_offsets = offsets + torch.arange(offsets.numel(), device=offsets.device)
-        out = torch.nested.nested_tensor_from_jagged(out, pmf_offsets)
+        out = torch.nested.nested_tensor_from_jagged(out, count_slot_offsets(offsets))
     return out
 
 
