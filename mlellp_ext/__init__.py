@@ -2,19 +2,19 @@
 
 The library (this package's top-level modules):
 
-* ops (``posterior``, ``posterior_multiclass``, ``posterior_weighted``, ``log_pmf``,
-  ``bag_log_likelihood``):
+* ops (``posterior``, ``posterior_multiclass``, ``posterior_weighted``, ``log_pmf``):
   the exact E-step as custom ops ``torch.ops.mlellp.*`` on CPU and CUDA, with
   autograd, torch.func and torch.compile support; ``posterior_multiclass_approx``
   (approx) for multi-class bags too large for the exact one;
 * ``count_weights``: likelihoods of uncertain counts (intervals, noise, label-DP
   counts) for ``posterior_weighted``, and ``count_weights.privatize``;
 * ``EMTargets`` (em): EM's soft targets, for your own training loop;
-* ``dllp_loss`` (losses): DLLP's bag-proportion loss;
+* ``bag_log_likelihood``, ``dllp_loss`` (losses): the direct likelihood of the
+  observed counts, and DLLP's bag-proportion loss;
 * ``BagBatchSampler`` (samplers): DataLoader batches of whole bags;
 * bags: the ragged bag layout (``offsets_from_sizes``, ``sizes_from_offsets``);
-* ``image_ops.augment_images``: a batch's flips, blurs and colour jitters, each
-  image with its own parameters, in one op call (CPU and CUDA);
+* ``image_ops.augment_images`` (ops.image): a batch's flips, blurs and colour
+  jitters, each image with its own parameters, in one op call (CPU and CUDA);
 * ``build_info()``: the torch, CUDA and GPU architectures the extension was
   built for, and whether its CUDA kernels are in.
 
@@ -28,8 +28,8 @@ from . import count_weights, image_ops
 from .approx import posterior_multiclass_approx
 from .bags import offsets_from_sizes, sizes_from_offsets
 from .em import EMTargets
-from .losses import dllp_loss
-from .ops import bag_log_likelihood, log_pmf, posterior, posterior_multiclass, posterior_weighted
+from .losses import bag_log_likelihood, dllp_loss
+from .ops import log_pmf, posterior, posterior_multiclass, posterior_weighted
 from .samplers import BagBatchSampler
 
 __all__ = [

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from .bags import bag_index, check_count_vectors, lattice_states
-from .ops import (DEFAULT_MAX_STATES, _check_multiclass_layout_fake, _compute_dtype, _log_softmax_exact, posterior,
-                  posterior_multiclass)
+from .bags import bag_index, bag_positions, check_count_vectors, lattice_states, offsets_from_sizes
+from .ops import DEFAULT_MAX_STATES, posterior, posterior_multiclass
+from .ops._checks import check_multiclass_layout, compute_dtype
+from .ops._dispatch import tile_offsets
+from .ops.multiclass import log_softmax_exact
 
 
 def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, *,
@@ -53,7 +55,7 @@ def posterior_multiclass_approx(logits: torch.Tensor, offsets: torch.Tensor, cou
             its own bag NaN.
     """
     op = "posterior_multiclass_approx"
-    _check_multiclass_layout_fake(op, logits, offsets, counts, 1)
+    check_multiclass_layout(op, logits, offsets, counts, 1)
     check_count_vectors(op, logits.shape[0], offsets, counts)
     if not (isinstance(max_iterations, int) and max_iterations >= 1):
         raise ValueError(f"{op}: max_iterations must be a positive integer, got {max_iterations!r}")
@@ -80,15 +82,14 @@ def _approx(logits, offsets, counts, max_iterations, tol):
     u = z - others
     has_posinf = torch.isposinf(z).any(1, keepdim=True)
     if bool(has_posinf.any()):
-        lp = _log_softmax_exact(z)
+        lp = log_softmax_exact(z)
         u = torch.where(has_posinf, lp - _log1mexp(lp), u)
     # A NaN anywhere in a row makes its bag NaN, as in the exact op (the +inf
     # reading above would otherwise pass over a NaN beside a +inf).
     u = u.masked_fill(z.isnan().any(1, keepdim=True), float("nan"))
     # All classes in one call: class c's bags are the bags again, shifted by c * N.
-    shift = (torch.arange(C, device=offsets.device) * N).repeat_interleave(B)
-    tiled = torch.cat([offsets[:-1].repeat(C) + shift, offsets.new_tensor([C * N])])
-    phi_c, ll_c = posterior(u.T.reshape(-1).contiguous(), tiled, counts.T.reshape(-1).contiguous())
+    phi_c, ll_c = posterior(u.T.reshape(-1).contiguous(), tile_offsets(offsets, C, N),
+                            counts.T.reshape(-1).contiguous())
     phi = phi_c.view(C, N).T.contiguous()
     log_lik = ll_c.view(C, B).sum(0)
     bag = bag_index(offsets, N)
@@ -115,7 +116,7 @@ def _approx(logits, offsets, counts, max_iterations, tol):
         rows = moving[bag].unsqueeze(1)
         phi = torch.where(rows, _rows_to_one(phi * scale[bag]), phi)
     phi = phi.masked_fill(bad[bag].unsqueeze(1), float("nan"))
-    return phi.to(logits.dtype), log_lik.to(_compute_dtype(logits.dtype))
+    return phi.to(logits.dtype), log_lik.to(compute_dtype(logits.dtype))
 
 
 def _bag_sums(phi, sizes):
@@ -141,22 +142,21 @@ def posterior_multiclass_auto(logits: torch.Tensor, offsets: torch.Tensor, count
     marking the bags that took the approximation (their log-likelihood is the
     composite one)."""
     op = "posterior_multiclass_auto"
-    _check_multiclass_layout_fake(op, logits, offsets, counts, max_states)
+    check_multiclass_layout(op, logits, offsets, counts, max_states)
     check_count_vectors(op, logits.shape[0], offsets, counts)
     approximated = lattice_states(counts) > max_states
     if not bool(approximated.any()):
         return (*posterior_multiclass(logits, offsets, counts, max_states=max_states), approximated)
     if bool(approximated.all()):
         return (*posterior_multiclass_approx(logits, offsets, counts), approximated)
-    bag = bag_index(offsets, logits.shape[0])
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     phi = torch.empty_like(logits)
     log_lik = torch.empty(counts.shape[0], dtype=dtype, device=logits.device)
     for mask, fn in ((~approximated, lambda *a: posterior_multiclass(*a, max_states=max_states)),
                      (approximated, posterior_multiclass_approx)):
-        rows = mask[bag]
-        sub_offsets = torch.cat([offsets.new_zeros(1), offsets.diff()[mask].cumsum(0)])
-        sub_phi, sub_ll = fn(logits[rows], sub_offsets, counts[mask])
+        which = torch.nonzero(mask).squeeze(1)
+        rows = bag_positions(offsets, which)
+        sub_phi, sub_ll = fn(logits[rows], offsets_from_sizes(offsets.diff()[which]), counts[which])
         phi[rows] = sub_phi
-        log_lik[mask] = sub_ll.to(dtype)
+        log_lik[which] = sub_ll.to(dtype)
     return phi, log_lik, approximated

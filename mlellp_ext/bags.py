@@ -47,23 +47,35 @@ def bag_index(offsets: torch.Tensor, num_instances: int | None = None) -> torch.
                                    output_size=num_instances)
 
 
+def count_slot_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """Offsets of the per-count layout: n_b + 1 count slots per bag (k = 0..n_b), bag
+    after bag, bag b's count k at ``offsets[b] + b + k`` (the layout of log_pmf's
+    output and of count log-weights). It is a bag layout like ``offsets`` itself."""
+    return offsets + torch.arange(offsets.shape[0], device=offsets.device)
+
+
 def count_slot_bags(offsets: torch.Tensor, num_slots: int | None = None) -> torch.Tensor:
-    """Bag of each count slot in the per-count layout (n_b + 1 slots per bag, bag
-    after bag; bag b's slots start at ``offsets[b] + b``), on offsets' device
-    (``num_slots`` = offsets[-1] + B spares a sync)."""
-    num_bags = offsets.shape[0] - 1
-    return torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), offsets.diff() + 1,
-                                   output_size=num_slots)
+    """Bag of each count slot in the per-count layout (:func:`count_slot_offsets`), on
+    offsets' device (``num_slots`` = offsets[-1] + B spares a sync)."""
+    return bag_index(count_slot_offsets(offsets), num_slots)
+
+
+def count_slots(offsets: torch.Tensor, num_slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, bag)`` of each count slot in the per-count layout: slot ``offsets[b] + b + k``
+    holds count k of bag b (:func:`count_slot_offsets`)."""
+    bag = count_slot_bags(offsets, num_slots)
+    starts = count_slot_offsets(offsets)[:-1]
+    return torch.arange(bag.shape[0], device=offsets.device) - starts[bag], bag
 
 
 def bag_positions(offsets: torch.Tensor, which, slots: bool = False) -> torch.Tensor:
     """Positions of the bags numbered ``which``, bag after bag, each bag's in order
     (int64): of their instances, or with ``slots=True`` of their count slots in the
-    per-count layout (see :func:`count_slot_bags`)."""
+    per-count layout (:func:`count_slot_offsets`)."""
+    layout = count_slot_offsets(offsets) if slots else offsets
     which = torch.as_tensor(which, dtype=torch.int64, device=offsets.device)
-    extra = int(slots)
-    sizes = (offsets[1:] - offsets[:-1])[which] + extra
-    starts = offsets[:-1][which] + (which if slots else 0)  # where each chosen bag starts in the input
+    sizes = layout.diff()[which]
+    starts = layout[:-1][which]  # where each chosen bag starts in the input
     new_starts = torch.cumsum(sizes, 0) - sizes
     return (torch.repeat_interleave(starts - new_starts, sizes)
             + torch.arange(int(sizes.sum()), device=offsets.device))
@@ -117,7 +129,7 @@ def check_bag_values(op: str, num_instances: int, offsets: torch.Tensor, counts:
     """The value checks of csrc/ops/checks.cpp (same order and words), for Python code
     that takes the bag layout without calling an op: ``offsets[0] = 0``, non-decreasing,
     ``offsets[-1] = num_instances`` and ``0 <= counts[b] <= n_b``. Shapes, dtypes and
-    devices are checked before (ops._check_layout_fake)."""
+    devices are checked before (mlellp_ext.ops._checks.check_layout)."""
     offsets = offsets.cpu()
     if int(offsets[0]) != 0:
         raise ValueError(f"{op}: offsets[0] must be 0, got {int(offsets[0])}")
@@ -173,7 +185,7 @@ def check_count_vectors(op: str, num_instances: int, offsets: torch.Tensor, coun
     if sum(row) != n:
         raise ValueError(f"{op}: counts[{b}] = {text} sums to {sum(row)} but bag {b} has {n} instances "
                          f"(offsets[{b + 1}] - offsets[{b}])")
-    states = float(math.prod(float(v + 1) for v in row))
+    states = float(lattice_states(counts[b:b + 1]))
     raise ValueError(f"{op}: bag {b} with counts {text} has {states:g} count-vector states (prod(counts + 1)), "
                      f"over max_states = {max_states}; raise max_states if its tables (16 bytes per state) fit in "
                      f"memory, or use the approximate E-step (mlellp_ext.posterior_multiclass_approx) for such bags")

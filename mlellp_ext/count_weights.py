@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from .bags import count_slots, offsets_from_sizes
+
 __all__ = ["exact", "gaussian", "interval", "laplace", "privatize", "randomized_response"]
 
 
@@ -69,10 +71,7 @@ def _positive(t, name, op) -> torch.Tensor:
 
 def _grid(sizes):
     """(k, bag) of every position of the layout: k = 0..n_b of bag b, bag after bag."""
-    bag = torch.repeat_interleave(torch.arange(sizes.shape[0], device=sizes.device), sizes + 1)
-    starts = torch.cumsum(sizes + 1, 0) - (sizes + 1)
-    k = torch.arange(bag.shape[0], device=sizes.device) - starts[bag]
-    return k, bag
+    return count_slots(offsets_from_sizes(sizes))
 
 
 def exact(counts, sizes) -> torch.Tensor:

@@ -29,9 +29,9 @@ import math
 import torch
 
 from .approx import posterior_multiclass_approx, posterior_multiclass_auto
-from .bags import check_bag_values, check_count_vectors
-from .ops import (DEFAULT_MAX_STATES, _check_layout_fake, _check_multiclass_layout_fake, _check_weighted_layout_fake,
-                  posterior, posterior_weighted)
+from .bags import check_bag_values, check_count_vectors, count_slot_bags, count_slots
+from .ops import DEFAULT_MAX_STATES, posterior, posterior_weighted
+from .ops._checks import check_layout, check_multiclass_layout, check_weighted_layout
 
 DEFAULT_TOL = 1e-4
 ESTEPS = ("exact", "approx", "auto")
@@ -45,8 +45,7 @@ def _check_weight_values(offsets, count_log_weights):
     """Count log-weights EM can iterate on: finite or -inf (a NaN or +inf would make L
     NaN for good), and at least one possible count per bag."""
     w = count_log_weights.detach().cpu()
-    bag_of_k = torch.repeat_interleave(torch.arange(offsets.shape[0] - 1), offsets.cpu().diff() + 1,
-                                       output_size=w.shape[0])
+    bag_of_k = count_slot_bags(offsets.cpu(), w.shape[0])
     bad = torch.isnan(w) | (w == math.inf)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
@@ -56,6 +55,25 @@ def _check_weight_values(offsets, count_log_weights):
     if bool((possible == 0).any()):
         b = int(torch.nonzero(possible == 0)[0])
         raise ValueError(f"EMTargets: bag {b} has no possible count (all its count_log_weights are -inf)")
+
+
+def _initial_targets(offsets, counts, num_instances, weighted):
+    """Each instance's target before any E-step: its bag's observed proportion, or
+    (count log-weights) the expected count under the weights alone as a proportion."""
+    sizes = offsets.diff()
+    if weighted:
+        k, bag_of_k = count_slots(offsets, counts.shape[0])
+        w = counts.double()
+        w = torch.where(torch.isfinite(w), w, torch.full_like(w, -math.inf))
+        num_bags = sizes.shape[0]
+        w = (w - torch.full((num_bags,), -math.inf, dtype=torch.float64, device=w.device)
+             .scatter_reduce(0, bag_of_k, w, "amax")[bag_of_k]).exp().nan_to_num(0.0)
+        mass = torch.zeros(num_bags, dtype=torch.float64, device=w.device).index_add_(0, bag_of_k, w)
+        mean = torch.zeros_like(mass).index_add_(0, bag_of_k, w * k)
+        ratio = (mean / mass.clamp(min=1e-300) / sizes.clamp(min=1)).clamp(0, 1).float()
+    else:
+        ratio = counts.float() / (sizes.unsqueeze(1) if counts.dim() == 2 else sizes).clamp(min=1).float()
+    return torch.repeat_interleave(ratio, sizes, dim=0, output_size=num_instances)
 
 
 class EMTargets:
@@ -122,45 +140,30 @@ class EMTargets:
             if estep != "exact":
                 raise ValueError(f"EMTargets: estep={estep!r} is for count vectors ((B, C) counts); count "
                                  f"log-weights always take the exact E-step")
-            _check_layout_fake("EMTargets", torch.empty(0, device=offsets.device), offsets)
+            check_layout("EMTargets", torch.empty(0, device=offsets.device), offsets)
             n = int(offsets[-1])
             check_bag_values("EMTargets", n, offsets, None)
-            _check_weighted_layout_fake("EMTargets", torch.empty(n, device=offsets.device), offsets, counts)
+            check_weighted_layout("EMTargets", torch.empty(n, device=offsets.device), offsets, counts)
             _check_weight_values(offsets, counts)
         elif self.num_classes is not None:
             if not (isinstance(max_states, int) and max_states >= 1):
                 raise ValueError(f"EMTargets: max_states must be a positive integer, got {max_states!r}")
-            _check_multiclass_layout_fake("EMTargets", torch.empty(0, self.num_classes, device=offsets.device),
-                                          offsets, counts, max_states)
+            check_multiclass_layout("EMTargets", torch.empty(0, self.num_classes, device=offsets.device),
+                                    offsets, counts, max_states)
             n = int(offsets[-1])
             check_count_vectors("EMTargets", n, offsets, counts, max_states if estep == "exact" else None)
         elif estep != "exact":
             raise ValueError(f"EMTargets: estep={estep!r} is for count vectors ((B, C) counts); "
                              f"binary counts always take the exact E-step")
         else:
-            _check_layout_fake("EMTargets", torch.empty(0, device=offsets.device), offsets, counts)
+            check_layout("EMTargets", torch.empty(0, device=offsets.device), offsets, counts)
             n = int(offsets[-1])
             check_bag_values("EMTargets", n, offsets, counts)
         self.offsets, self.counts, self.max_states, self.estep = offsets, counts, max_states, estep
         self.approximated_bags = 0
         self.num_instances, self.num_bags = n, offsets.shape[0] - 1
         self.tol, self.min_iterations = float(tol), min_iterations
-        sizes = offsets.diff()
-        if self.weighted:  # the expected count under the weights alone, as a proportion
-            bag_of_k = torch.repeat_interleave(torch.arange(self.num_bags, device=offsets.device), sizes + 1,
-                                               output_size=counts.shape[0])
-            k = torch.arange(counts.shape[0], device=offsets.device) - (offsets + torch.arange(
-                offsets.shape[0], device=offsets.device))[bag_of_k]
-            w = counts.double()
-            w = torch.where(torch.isfinite(w), w, torch.full_like(w, -math.inf))
-            w = (w - torch.full((self.num_bags,), -math.inf, dtype=torch.float64, device=w.device)
-                 .scatter_reduce(0, bag_of_k, w, "amax")[bag_of_k]).exp().nan_to_num(0.0)
-            mass = torch.zeros(self.num_bags, dtype=torch.float64, device=w.device).index_add_(0, bag_of_k, w)
-            mean = torch.zeros_like(mass).index_add_(0, bag_of_k, w * k)
-            ratio = (mean / mass.clamp(min=1e-300) / sizes.clamp(min=1)).clamp(0, 1).float()
-        else:
-            ratio = counts.float() / (sizes.unsqueeze(1) if self.num_classes else sizes).clamp(min=1).float()
-        self.phi = torch.repeat_interleave(ratio, sizes, dim=0, output_size=n)
+        self.phi = _initial_targets(offsets, counts, n, self.weighted)
         self.log_likelihood: float | None = None
         self.iterations = 0
         self.converged = False

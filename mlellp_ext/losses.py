@@ -1,5 +1,6 @@
-"""Losses on bags: DLLP's bag-proportion cross-entropy (the direct likelihood,
-:func:`mlellp_ext.bag_log_likelihood`, lives with the ops)."""
+"""Losses on bags: the direct likelihood of the observed counts
+(:func:`bag_log_likelihood`, through the exact E-step) and DLLP's bag-proportion
+cross-entropy (:func:`dllp_loss`)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,34 @@ import torch
 import torch.nn.functional as F
 
 from .bags import bag_index, check_bag_values, check_count_vectors, check_reduction, reduce_over_bags, split_nested
-from .ops import _check_layout_fake, _check_multiclass_layout_fake
+from .ops._checks import DEFAULT_MAX_STATES, check_layout, check_multiclass_layout, compute_dtype
+from .ops.binary import posterior
+
+
+def bag_log_likelihood(logits, offsets=None, counts=None, reduction: str = "mean", *,
+                       max_states: int = DEFAULT_MAX_STATES):
+    """Differentiable log-likelihood ``log P(S_b = counts[b])`` of observed bag counts.
+
+    Maximise it (minimise its negative) to fit logits to bag counts directly;
+    its gradient w.r.t. logits[i] is ``phi[i] - sigmoid(logits[i])``.
+
+    Args:
+        logits, offsets, counts: as in :func:`posterior` (nested logits too;
+            (N, C) logits with (B, C) counts for multi-class bags).
+        reduction: ``'none'`` (per bag, shape (B,)), ``'mean'`` over bags
+            (default; over zero bags it is 0, the empty sum, with a zero gradient)
+            or ``'sum'``.
+        max_states: multi-class bags only, :func:`posterior_multiclass`'s state budget.
+
+    Example:
+        >>> z = torch.randn(5, requires_grad=True)
+        >>> loss = -bag_log_likelihood(z, offsets_from_sizes([3, 2]), torch.tensor([1, 2]))
+        >>> loss.backward()
+    """
+    check_reduction("bag_log_likelihood", reduction)
+    _, log_lik = posterior(logits, offsets, counts, max_states=max_states)
+    return reduce_over_bags(log_lik, reduction)
+
 
 def _bag_logsumexp(values: torch.Tensor, bag: torch.Tensor, num_bags: int) -> torch.Tensor:
     """log sum_{i in b} exp(values[i]) per bag (-inf for an empty bag), differentiable;
@@ -50,12 +78,10 @@ def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> tor
     if isinstance(logits, torch.Tensor) and not logits.is_nested and logits.dim() == 2:
         return reduce_over_bags(_dllp_multiclass(logits, offsets, counts), reduction)
     logits, offsets, counts, _ = split_nested(logits, offsets, counts, "dllp_loss")
-    for name, t in (("logits", logits), ("offsets", offsets), ("counts", counts)):
-        if t is None:
-            raise ValueError(f"dllp_loss: {name} is required, got None")
-    _check_layout_fake("dllp_loss", logits, offsets, counts)
+    _require((("logits", logits), ("offsets", offsets), ("counts", counts)))
+    check_layout("dllp_loss", logits, offsets, counts)
     check_bag_values("dllp_loss", logits.shape[0], offsets, counts)
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    z = logits.to(compute_dtype(logits.dtype))
     num_bags = offsets.shape[0] - 1
     sizes = offsets.diff().to(z.dtype)
     bag = bag_index(offsets, z.shape[0])
@@ -69,13 +95,17 @@ def dllp_loss(logits, offsets=None, counts=None, reduction: str = "mean") -> tor
     return reduce_over_bags(loss, reduction)
 
 
-def _dllp_multiclass(logits, offsets, counts):
-    for name, t in (("offsets", offsets), ("counts", counts)):
+def _require(named):
+    for name, t in named:
         if t is None:
             raise ValueError(f"dllp_loss: {name} is required, got None")
-    _check_multiclass_layout_fake("dllp_loss", logits, offsets, counts, 1)
+
+
+def _dllp_multiclass(logits, offsets, counts):
+    _require((("offsets", offsets), ("counts", counts)))
+    check_multiclass_layout("dllp_loss", logits, offsets, counts, 1)
     check_count_vectors("dllp_loss", logits.shape[0], offsets, counts)
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    z = logits.to(compute_dtype(logits.dtype))
     sizes = offsets.diff().to(z.dtype)
     bag = bag_index(offsets, z.shape[0])
     log_q = _bag_logsumexp(F.log_softmax(z, 1), bag, offsets.shape[0] - 1) - sizes.log().unsqueeze(1)

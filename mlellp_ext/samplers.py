@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .bags import bag_index, check_bag_values, offsets_from_sizes
+from .bags import bag_index, bag_positions, check_bag_values, offsets_from_sizes
 
 
 class BagBatchSampler(torch.utils.data.Sampler):
@@ -66,10 +66,7 @@ class BagBatchSampler(torch.utils.data.Sampler):
 
     def positions(self, bags) -> torch.Tensor:
         """The positions of these bags, bag after bag, each bag's in order (int64)."""
-        bags = torch.as_tensor(bags, dtype=torch.int64)
-        n = self.sizes[bags]
-        first = torch.repeat_interleave(self.offsets[:-1][bags] - offsets_from_sizes(n)[:-1], n)
-        return first + torch.arange(int(n.sum()))
+        return bag_positions(self.offsets, bags)
 
     def __len__(self) -> int:
         if self._planned is None:

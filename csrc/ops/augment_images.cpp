@@ -1,6 +1,6 @@
 // Schema of augment_images. Kernels: cpu/augment_images_cpu.cpp,
 // cuda/augment_images_cuda.cu; arithmetic: augment_image.h. The fake kernel is
-// registered from Python (mlellp_ext/image_ops.py).
+// registered from Python (mlellp_ext/ops/image.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mlellp, m) {

@@ -1,5 +1,5 @@
 // Schema of the E-step ops. Kernels: cpu/posterior_cpu.cpp, cuda/posterior_cuda.cu.
-// Autograd and fake (meta) kernels are registered from Python (mlellp_ext/ops.py).
+// Autograd and fake (meta) kernels are registered from Python (mlellp_ext/ops/binary.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mlellp, m) {

@@ -1,6 +1,6 @@
 // Schema of the multi-class E-step. Kernels: cpu/posterior_multiclass_cpu.cpp,
 // cuda/posterior_multiclass_cuda.cu; arithmetic: multiclass_recursion.h.
-// Autograd and fake kernels are registered from Python (mlellp_ext/ops.py).
+// Autograd and fake kernels are registered from Python (mlellp_ext/ops/multiclass.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mlellp, m) {

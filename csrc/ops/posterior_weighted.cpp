@@ -1,6 +1,6 @@
 // Schema of the E-step under uncertain counts. Kernels: cpu/posterior_weighted_cpu.cpp,
 // cuda/posterior_weighted_cuda.cu; arithmetic: bag_recursion.h (posterior_weighted_bag).
-// Autograd and fake kernels are registered from Python (mlellp_ext/ops.py).
+// Autograd and fake kernels are registered from Python (mlellp_ext/ops/weighted.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mlellp, m) {

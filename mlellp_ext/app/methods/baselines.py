@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import time
 
-from ...losses import dllp_loss
-from ...ops import bag_log_likelihood, posterior_weighted
+from ...losses import bag_log_likelihood, dllp_loss
+from ...ops import posterior_weighted
 from ..data import bag_weights
 from ..distributed import instance_mean
 from .common import LogitRecorder, Method, epoch_stats, fit_targets, gradient_step, mean_log_likelihood, observed
